@@ -1,0 +1,3 @@
+"""lora-train: a LoRA trainer for Stable Diffusion XL."""
+
+__version__ = "0.1.0"

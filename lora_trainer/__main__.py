@@ -1,0 +1,3 @@
+from lora_trainer.cli import main
+
+main()

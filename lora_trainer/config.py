@@ -1,0 +1,308 @@
+"""The training config: typed, frozen pydantic models validated once, before any model is loaded.
+
+Every field is documented where it is declared; that text is the `--help` of the config reference
+(`docs/config.md`, rendered by `lora_trainer.config_reference`). Rules that tie two fields together
+live in the model validators here, not in the training code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lora_trainer.config_errors import format_validation_error
+from lora_trainer.errors import ConfigError
+from lora_trainer.overrides import apply_overrides
+from lora_trainer.yaml_io import load_yaml
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("tiny-sdxl",)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Section):
+    pretrained: str
+    """The SDXL base model: a local diffusers folder, a Hugging Face hub id
+    (`stabilityai/stable-diffusion-xl-base-1.0`), or `builtin:tiny-sdxl`, a tiny random model with
+    SDXL's layout that is built on first use (for trying the tool and for tests; it is not SDXL)."""
+
+    variant: str | None = None
+    """Weight variant to download from the hub, e.g. `fp16` for the half-size SDXL files."""
+
+    vae: str | None = None
+    """A separate VAE (folder or hub id), e.g. `madebyollin/sdxl-vae-fp16-fix`; default: the model's own."""
+
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    """What the UNet predicts: `epsilon` (SDXL base and most finetunes) or `v_prediction` (v-pred finetunes)."""
+
+    @field_validator("pretrained")
+    @classmethod
+    def _check_pretrained(cls, value: str) -> str:
+        return check_model_reference(value)
+
+    @field_validator("vae")
+    @classmethod
+    def _check_vae(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.startswith(BUILTIN_PREFIX):
+            raise ValueError(f"must be a folder or a hub id, got {value!r}")
+        return check_model_reference(value)
+
+
+class DatasetConfig(_Section):
+    path: Path
+    """Folder of training images (png, jpg, jpeg, webp), each with a caption file of the same stem."""
+
+    caption_extension: str = ".txt"
+    """Extension of the caption files next to the images."""
+
+    repeats: int = Field(1, gt=0)
+    """How many times each image of this folder is seen per epoch (kohya's `num_repeats`)."""
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: Path) -> Path:
+        resolved = value.expanduser().resolve()
+        if not resolved.is_dir():
+            raise ValueError(f"folder not found: {resolved}; give a folder of captioned images")
+        return resolved
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _check_caption_extension(cls, value: str) -> str:
+        if not re.fullmatch(r"\.[\w.-]+", value):
+            raise ValueError(f"must be a file extension starting with '.', like '.txt', got {value!r}")
+        return value
+
+
+class DataConfig(_Section):
+    resolution: int = Field(1024, gt=0)
+    """Training size in pixels: images are resized so the shorter side fits, then center-cropped square."""
+
+    cache_dir: Path | None = None
+    """Where VAE latents are cached; default: `<output.dir>/latent_cache`."""
+
+    @field_validator("resolution")
+    @classmethod
+    def _check_resolution(cls, value: int) -> int:
+        if value % 64:
+            raise ValueError(f"must be a multiple of 64 (SDXL's UNet needs it), got {value}")
+        return value
+
+
+class NetworkConfig(_Section):
+    rank: int = Field(32, gt=0)
+    """LoRA rank (kohya's `network_dim`): the width of each adapter."""
+
+    alpha: float = Field(16.0, gt=0)
+    """LoRA alpha (kohya's `network_alpha`): adapters are scaled by alpha / rank."""
+
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on each adapter's input during training (PEFT's `lora_dropout`)."""
+
+    train_unet: bool = True
+    """Train adapters on the UNet's attention blocks."""
+
+    train_text_encoder_1: bool = True
+    """Train adapters on text encoder 1 (CLIP ViT-L)."""
+
+    train_text_encoder_2: bool = True
+    """Train adapters on text encoder 2 (OpenCLIP ViT-bigG)."""
+
+    text_encoder_learning_rate: float | None = Field(None, gt=0)
+    """Learning rate of the text-encoder adapters; default: `training.learning_rate`."""
+
+    @model_validator(mode="after")
+    def _check_some_part_trains(self) -> NetworkConfig:
+        if not (self.train_unet or self.train_text_encoder_1 or self.train_text_encoder_2):
+            raise ValueError(
+                "train_unet: at least one of train_unet, train_text_encoder_1, train_text_encoder_2 must be true"
+            )
+        return self
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.train_text_encoder_1 or self.train_text_encoder_2
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(10, gt=0)
+    """Passes over the dataset (each image counted `repeats` times)."""
+
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps; when set, `epochs` is ignored."""
+
+    batch_size: int = Field(1, gt=0)
+    """Images per batch on each GPU."""
+
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Batches whose gradients are summed before each optimizer step."""
+
+    learning_rate: float = Field(1e-4, gt=0)
+    """Learning rate of the UNet adapters (and of the text encoders unless set separately)."""
+
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """`adamw` (torch) or `adamw8bit` (bitsandbytes, 8-bit states; needs a CUDA GPU)."""
+
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+
+    epsilon: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    """Learning-rate schedule over the run (diffusers' schedules)."""
+
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup from 0 to the learning rate."""
+
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """`auto`: bf16 on a CUDA GPU that supports it, fp16 on other GPUs, full fp32 on CPU."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: much less GPU memory, about 20-30% slower."""
+
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Clip the gradient norm of the adapters to this value; 0 turns clipping off."""
+
+    seed: int = 42
+    """Seed for adapter initialisation, data order and noise."""
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _lowercase_optimizer(cls, value: Any) -> Any:
+        # kohya spells them AdamW / AdamW8bit; accept that spelling.
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError(f"must be two numbers in [0, 1), got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_warmup_has_a_schedule(self) -> TrainingConfig:
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            raise ValueError(
+                f"lr_warmup_steps: {self.lr_warmup_steps} warmup steps need a schedule that warms up; "
+                "set lr_scheduler to constant_with_warmup (or another schedule)"
+            )
+        return self
+
+
+class OutputConfig(_Section):
+    dir: Path = Path("output")
+    """Folder for the LoRA files, the resolved config and the TensorBoard logs."""
+
+    name: str = "lora"
+    """File name of the LoRA, without extension."""
+
+    save_every_n_epochs: int | None = Field(None, gt=0)
+    """Also save `<name>-<epoch>.safetensors` every this many epochs."""
+
+    save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+    """Precision of the saved LoRA weights; fp16 halves the file and is what UIs expect."""
+
+    @field_validator("dir")
+    @classmethod
+    def _resolve_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[\w.+-]+", value) or value.startswith("."):
+            raise ValueError(f"must be a plain file name (letters, digits, _ . + -), got {value!r}")
+        return value
+
+
+class Config(_Section):
+    model: ModelConfig
+    """The base model."""
+
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    """Image folders to train on (one or more)."""
+
+    data: DataConfig = DataConfig()
+    """How images become training latents."""
+
+    network: NetworkConfig = NetworkConfig()
+    """The LoRA adapters."""
+
+    training: TrainingConfig = TrainingConfig()
+    """Optimisation."""
+
+    output: OutputConfig = OutputConfig()
+    """Where results go."""
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data.cache_dir.expanduser().resolve() if self.data.cache_dir else self.output.dir / "latent_cache"
+
+
+def check_model_reference(value: str) -> str:
+    """Accept a builtin name, an existing folder, or something shaped like a hub id; return it resolved."""
+    if value.startswith(BUILTIN_PREFIX):
+        name = value[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_MODELS:
+            allowed = ", ".join(BUILTIN_PREFIX + known for known in BUILTIN_MODELS)
+            raise ValueError(f"unknown builtin model {value!r}; builtin models: {allowed}")
+        return value
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if _HUB_ID.match(value) and not value.startswith((".", "/", "~")):
+        return value
+    raise ValueError(f"not a folder, a hub id (owner/name) or a builtin model: {value!r}")
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `--set key=value` overrides, and validate it; raise ConfigError if bad."""
+    raw = read_yaml_mapping(path)
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, Config, source)) from None
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = load_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: not valid YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (model:, datasets:, ...)")
+    return raw
+
+
+def dump_config(config: Config) -> str:
+    """The config as YAML with every default filled in, as saved beside each LoRA."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,1 @@
+"""Images and captions in, cached training latents out."""

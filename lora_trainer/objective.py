@@ -1,0 +1,36 @@
+"""The denoising objective: noise and timesteps, the prediction target, and the loss.
+
+    noisy  = sqrt(abar_t) * latents + sqrt(1 - abar_t) * noise          (scheduler.add_noise)
+    target = noise                                          (epsilon)
+           = sqrt(abar_t) * noise - sqrt(1 - abar_t) * latents  (v_prediction; scheduler.get_velocity)
+    loss   = mean over the batch of the per-sample mean squared error, in fp32
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def draw_noise_and_timesteps(
+    latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian noise shaped like `latents`, and one uniform integer timestep in [0, T) per sample."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
+    return noise, timesteps
+
+
+def prediction_target(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def denoising_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    return per_sample.mean()

@@ -1,0 +1,278 @@
+"""`lora-train train`: setup -> fit -> finalize.
+
+setup builds everything from the config (cache, models, adapters, optimizer) and hands Accelerate the
+parts it manages; fit is the loop; finalize writes the LoRA and the resolved config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_trainer.conditioning import CaptionEncoder, cached_caption_encoder, live_caption_encoder
+from lora_trainer.config import Config, dump_config
+from lora_trainer.data.cache import cache_latents
+from lora_trainer.data.records import ImageRecord, scan_datasets
+from lora_trainer.errors import UserError
+from lora_trainer.files import write_text_atomic
+from lora_trainer.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_parameters, read_lora_weights
+from lora_trainer.lora_io import SAVE_DTYPES, save_lora_file, to_kohya_tensors
+from lora_trainer.metadata import Progress, lora_metadata
+from lora_trainer.models import load_noise_scheduler, load_text_encoders, load_unet
+from lora_trainer.objective import draw_noise_and_timesteps
+from lora_trainer.optim import make_lr_scheduler, make_optimizer
+from lora_trainer.precision import resolve_mixed_precision, weight_dtype
+from lora_trainer.progress import progress_bar
+from lora_trainer.step import training_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, epoch: int, loss: float):
+        super().__init__(f"loss became {loss} at step {step + 1} (epoch {epoch})")
+        self.step, self.epoch, self.loss = step, epoch, loss
+
+
+@dataclass
+class Run:
+    """What setup builds and fit and finalize use."""
+
+    config: Config
+    accelerator: Any
+    records: list[ImageRecord]
+    unet: torch.nn.Module
+    encode_captions: CaptionEncoder
+    noise_scheduler: Any
+    trained: dict[str, torch.nn.Module]  # part name -> prepared model whose adapters train
+    optimizer: Any
+    lr_scheduler: Any
+    dataloader: Any
+    total_steps: int
+    epochs: int
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def train(config: Config) -> Path:
+    """Train a LoRA as configured; return the path of the final `.safetensors`."""
+    run = setup(config)
+    try:
+        try:
+            fit(run)
+        except NonFiniteLoss as stop:
+            raise UserError(_non_finite_message(run, stop)) from None
+        return finalize(run)
+    finally:
+        run.accelerator.end_training()
+
+
+def setup(config: Config) -> Run:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+
+    if not is_tensorboard_available():
+        raise UserError("TensorBoard is not installed, so no training curves would be logged; pip install tensorboard")
+    mixed_precision = resolve_mixed_precision(config.training.mixed_precision)
+    config = config.model_copy(update={"training": config.training.model_copy(update={"mixed_precision": mixed_precision})})
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=config.training.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(config.output.dir), logging_dir=str(config.output.dir / "logs")),
+    )
+    dtype = weight_dtype(mixed_precision)
+    device = accelerator.device
+
+    records = scan_datasets(config.datasets)
+    with accelerator.main_process_first():
+        latents = cache_latents(config, records, device, show_progress=accelerator.is_local_main_process)
+
+    # Same seed on every process, so all start from identical adapters.
+    set_seed(config.training.seed)
+    network = config.network
+    text = load_text_encoders(config.model)
+    unet = load_unet(config.model).to(device, dtype)
+    text.text_encoder_1.to(device, dtype)
+    text.text_encoder_2.to(device, dtype)
+    parts = {"unet": unet, "text_encoder_1": text.text_encoder_1, "text_encoder_2": text.text_encoder_2}
+    switched_on = {"unet": network.train_unet, "text_encoder_1": network.train_text_encoder_1, "text_encoder_2": network.train_text_encoder_2}
+    trained = {part: parts[part] for part, on in switched_on.items() if on}
+    for part, model in trained.items():
+        targets = UNET_TARGETS if part == "unet" else TEXT_ENCODER_TARGETS
+        attach_lora(model, targets, network.rank, network.alpha, network.dropout)
+    if config.training.gradient_checkpointing:
+        _enable_gradient_checkpointing(parts)
+
+    optimizer = make_optimizer(_parameter_groups(trained, config), config.training)
+    dataloader = _make_dataloader(records, latents, config)
+    prepared = accelerator.prepare(*trained.values(), optimizer, dataloader)
+    trained = dict(zip(trained, prepared[: len(trained)]))
+    optimizer, dataloader = prepared[len(trained) :]
+    parts.update(trained)
+
+    steps_per_epoch = math.ceil(len(dataloader) / config.training.gradient_accumulation_steps)
+    total_steps = config.training.max_steps or config.training.epochs * steps_per_epoch
+    lr_scheduler = accelerator.prepare(make_lr_scheduler(optimizer, config.training, total_steps, accelerator.num_processes))
+
+    encode_captions = live_caption_encoder(
+        text.tokenizer_1, text.tokenizer_2, parts["text_encoder_1"], parts["text_encoder_2"], device
+    )
+    if not network.trains_text_encoder:
+        # Frozen encoders give the same output every step: encode each caption once, then free them.
+        encode_captions = cached_caption_encoder([record.caption for record in records], encode_captions, device, dtype)
+        text.text_encoder_1.to("cpu")
+        text.text_encoder_2.to("cpu")
+
+    accelerator.init_trackers(config.output.name, config=_tracker_hyperparameters(config))
+    set_seed(config.training.seed, device_specific=True)  # different noise on each process
+    return Run(
+        config=config,
+        accelerator=accelerator,
+        records=records,
+        unet=parts["unet"],
+        encode_captions=encode_captions,
+        noise_scheduler=load_noise_scheduler(config.model),
+        trained=trained,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        dataloader=dataloader,
+        total_steps=total_steps,
+        epochs=math.ceil(total_steps / steps_per_epoch),
+    )
+
+
+def fit(run: Run) -> None:
+    accelerator, config = run.accelerator, run.config
+    trainable = [parameter for model in run.trained.values() for parameter in lora_parameters(model)]
+    bar = progress_bar(total=run.total_steps, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+    window: list[float] = []
+    for epoch in range(1, run.epochs + 1):
+        for model in run.trained.values():
+            model.train()  # adapter dropout is active only in training mode
+        for batch in run.dataloader:
+            with accelerator.accumulate(*run.trained.values()):
+                latents = batch["latents"]
+                noise, timesteps = draw_noise_and_timesteps(latents, run.noise_scheduler.config.num_train_timesteps)
+                with accelerator.autocast():
+                    loss = training_step(run.unet, run.encode_captions, run.noise_scheduler, batch, noise, timesteps)
+                loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLoss(run.step, epoch, loss_value)
+                window.append(loss_value)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.training.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, config.training.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                run.step += 1
+                _report(run, bar, epoch, sum(window) / len(window))
+                window.clear()
+                if run.step >= run.total_steps:
+                    break
+        every = config.output.save_every_n_epochs
+        if every and epoch % every == 0 and run.step < run.total_steps:
+            save_lora(run, f"{config.output.name}-{epoch:06d}", epoch)
+        if run.step >= run.total_steps:
+            break
+    bar.close()
+
+
+def finalize(run: Run) -> Path:
+    return save_lora(run, run.config.output.name, run.epochs)
+
+
+def save_lora(run: Run, name: str, epoch: int) -> Path:
+    """Write `<output.dir>/<name>.safetensors` and the resolved config beside it (main process only)."""
+    accelerator, config = run.accelerator, run.config
+    path = config.output.dir / f"{name}.safetensors"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        weights = {part: (model, read_lora_weights(model)) for part, model in _unwrapped(run).items()}
+        tensors = to_kohya_tensors(weights, SAVE_DTYPES[config.output.save_dtype])
+        metadata = lora_metadata(config, run.records, Progress(steps=run.step, epoch=epoch, started_at=run.started_at))
+        save_lora_file(path, tensors, metadata)
+        write_text_atomic(config.output.dir / f"{config.output.name}.yaml", dump_config(config))
+        log.info("saved %s", path)
+    return path
+
+
+def _unwrapped(run: Run) -> dict[str, torch.nn.Module]:
+    return {part: run.accelerator.unwrap_model(model) for part, model in run.trained.items()}
+
+
+def _report(run: Run, bar: Any, epoch: int, loss: float) -> None:
+    learning_rates = run.lr_scheduler.get_last_lr()
+    run.losses.append(loss)
+    scalars = {"loss": loss, "epoch": epoch}
+    for group, learning_rate in zip(run.optimizer.param_groups, learning_rates):
+        scalars[f"lr/{group['name']}"] = learning_rate
+    run.accelerator.log(scalars, step=run.step)
+    bar.set_postfix(epoch=f"{epoch}/{run.epochs}", loss=f"{loss:.4f}", lr=f"{learning_rates[0]:.2e}", refresh=False)
+    bar.update(1)
+
+
+def _parameter_groups(trained: dict[str, torch.nn.Module], config: Config) -> list[dict[str, Any]]:
+    text_encoder_lr = config.network.text_encoder_learning_rate or config.training.learning_rate
+    groups = []
+    if "unet" in trained:
+        groups.append({"name": "unet", "params": lora_parameters(trained["unet"]), "lr": config.training.learning_rate})
+    text_parameters = [p for part, model in trained.items() if part != "unet" for p in lora_parameters(model)]
+    if text_parameters:
+        groups.append({"name": "text_encoder", "params": text_parameters, "lr": text_encoder_lr})
+    return groups
+
+
+def _make_dataloader(records: list[ImageRecord], latents: list, config: Config) -> torch.utils.data.DataLoader:
+    from lora_trainer.data.dataset import LatentDataset, collate
+
+    dataset = LatentDataset(records, latents)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.training.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.training.seed),
+    )
+
+
+def _enable_gradient_checkpointing(parts: dict[str, torch.nn.Module]) -> None:
+    parts["unet"].enable_gradient_checkpointing()
+    for part in ("text_encoder_1", "text_encoder_2"):
+        # Non-reentrant, so gradients reach the adapters even though the embeddings' inputs need none.
+        parts[part].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _tracker_hyperparameters(config: Config) -> dict[str, Any]:
+    """The config flattened to `section.field` scalars, as TensorBoard's hparams accept."""
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                visit(f"{prefix}.{key}" if prefix else key, child)
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for index, child in enumerate(value):
+                visit(f"{prefix}.{index}", child)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    visit("", config.model_dump(mode="json"))
+    return flat
+
+
+def _non_finite_message(run: Run, stop: NonFiniteLoss) -> str:
+    advice = "lower training.learning_rate, or use training.mixed_precision bf16 instead of fp16"
+    if run.step == 0:
+        return f"training stopped: {stop}; no step had finished, so nothing was saved; {advice}"
+    path = save_lora(run, f"{run.config.output.name}-step{run.step:06d}", stop.epoch)
+    return f"training stopped: {stop}; saved the LoRA of step {run.step}, the last good one, to {path}; {advice}"

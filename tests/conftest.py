@@ -1,0 +1,74 @@
+"""Shared fixtures: an isolated cache home with the builtin tiny SDXL, and configs that train on it.
+
+Nothing here touches the network: the tiny model is built in-process and saved as a diffusers
+folder, then loaded through the same code path as a real SDXL checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lora_train_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private cache home for the whole session, so the builtin model is built once, here."""
+    home = tmp_path_factory.mktemp("lora-train-home")
+    previous = os.environ.get("LORA_TRAIN_HOME")
+    os.environ["LORA_TRAIN_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("LORA_TRAIN_HOME", None)
+    else:
+        os.environ["LORA_TRAIN_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(lora_train_home: Path) -> Path:
+    from lora_trainer.builtin import builtin_model_path
+
+    return builtin_model_path("tiny-sdxl")
+
+
+@pytest.fixture
+def raw_config(tmp_path: Path, tiny_model_path: Path) -> dict:
+    """A small, fast training config on the tiny model and the example dataset, writing under tmp_path."""
+    return {
+        "model": {"pretrained": "builtin:tiny-sdxl"},
+        "datasets": [{"path": str(REPO / "datasets_example")}],
+        "data": {"resolution": 64, "cache_dir": str(tmp_path / "cache")},
+        "network": {"rank": 4, "alpha": 2},
+        "training": {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "mixed_precision": "no", "seed": 0},
+        "output": {"dir": str(tmp_path / "out"), "name": "test_lora", "save_dtype": "fp32"},
+    }
+
+
+def write_yaml(path: Path, raw: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """Run `lora-train ARGS` in this process; return (exit code, stdout, stderr)."""
+    from lora_trainer.cli import main
+
+    try:
+        main([str(arg) for arg in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

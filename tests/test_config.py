@@ -1,0 +1,167 @@
+"""Config validation: shipped YAMLs are valid; bad values name the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_cli, write_yaml
+
+from lora_trainer.config import Config, dump_config, load_config, validate_config
+from lora_trainer.errors import ConfigError
+
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert {path.name for path in SHIPPED} >= {"quickstart.yaml", "sdxl_lora.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.name)
+def test_shipped_config_validates(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # dataset paths in shipped configs are relative to the repository root
+    config = load_config(path)
+    assert isinstance(config, Config)
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# lora-train train configs/"), "each config opens with the command that runs it"
+
+
+def test_defaults_are_what_an_sdxl_lora_user_expects(raw_config):
+    config = validate_config({"model": raw_config["model"], "datasets": raw_config["datasets"]})
+    assert (config.network.rank, config.network.alpha) == (32, 16.0)
+    assert config.data.resolution == 1024
+    assert config.training.optimizer == "adamw"
+    assert config.training.mixed_precision == "auto"
+    assert config.datasets[0].caption_extension == ".txt"
+    assert config.model.prediction_type == "epsilon"
+
+
+def test_resolved_config_round_trips(raw_config, tmp_path):
+    config = validate_config(raw_config)
+    again = validate_config(yaml.safe_load(dump_config(config)))
+    assert again == config
+
+
+def test_config_is_frozen(raw_config):
+    config = validate_config(raw_config)
+    with pytest.raises(Exception):
+        config.network.rank = 3
+
+
+def test_kohya_optimizer_spelling_is_accepted(raw_config):
+    raw_config["training"]["optimizer"] = "AdamW8bit"
+    assert validate_config(raw_config).training.optimizer == "adamw8bit"
+
+
+def _with(raw: dict, dotted: str, value) -> dict:
+    *parents, last = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[last] = value
+    return raw
+
+
+BAD_VALUES = [
+    ("network.rank", -4, "network.rank: must be a positive integer, got -4"),
+    ("network.rank", "big", "network.rank: must be an integer, got 'big'"),
+    ("network.alpha", 0, "network.alpha: must be greater than 0, got 0"),
+    ("network.dropout", 1.5, "network.dropout: must be less than 1.0, got 1.5"),
+    ("network.rnak", 8, "network.rnak: unknown field 'rnak'; did you mean 'rank'?"),
+    ("network.network_dim", 8, "network.network_dim: unknown field 'network_dim'; kohya's network_dim is network.rank here"),
+    ("training.optimizer", "sgd", "training.optimizer: must be one of adamw or adamw8bit, got 'sgd'"),
+    ("training.mixed_precision", "fp8", "training.mixed_precision: must be one of auto, no, fp16 or bf16, got 'fp8'"),
+    ("training.lr_scheduler", "cosine_annealing", "training.lr_scheduler: must be one of constant, constant_with_warmup"),
+    ("training.lr_warmup_steps", 10, "training.lr_warmup_steps: 10 warmup steps need a schedule that warms up"),
+    ("training.batch_size", 0, "training.batch_size: must be a positive integer, got 0"),
+    ("training.gradient_checkpointing", "maybe", "training.gradient_checkpointing: must be true or false, got 'maybe'"),
+    ("training.betas", [0.9, 1.5], "training.betas: must be two numbers in [0, 1), got [0.9, 1.5]"),
+    ("data.resolution", 1000, "data.resolution: must be a multiple of 64 (SDXL's UNet needs it), got 1000"),
+    ("datasets.0.path", "/no/such/folder", "datasets.0.path: folder not found: /no/such/folder"),
+    ("datasets.0.repeats", 0, "datasets.0.repeats: must be a positive integer, got 0"),
+    ("datasets.0.caption_extension", "txt", "datasets.0.caption_extension: must be a file extension starting with '.'"),
+    ("model.pretrained", "builtin:huge-sdxl", "model.pretrained: unknown builtin model 'builtin:huge-sdxl'"),
+    ("model.pretrained", "./not/here", "model.pretrained: not a folder, a hub id (owner/name) or a builtin model"),
+    ("model.prediction_type", "x0", "model.prediction_type: must be one of epsilon or v_prediction, got 'x0'"),
+    ("output.name", "a/b", "output.name: must be a plain file name"),
+    ("output.save_every_n_epochs", -1, "output.save_every_n_epochs: must be a positive integer, got -1"),
+]
+
+
+@pytest.mark.parametrize("field, value, expected", BAD_VALUES, ids=[f"{f}={v}" for f, v, _ in BAD_VALUES])
+def test_bad_value_exits_2_with_a_one_line_error_naming_the_field(field, value, expected, raw_config, tmp_path, capsys):
+    path = write_yaml(tmp_path / "bad.yaml", _with(raw_config, field, value))
+    code, out, err = run_cli(["train", path], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {path}: "), err
+    assert expected in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists(), "nothing may be written for a bad config"
+
+
+def test_all_parts_off_is_an_error(raw_config, tmp_path, capsys):
+    raw_config["network"].update(train_unet=False, train_text_encoder_1=False, train_text_encoder_2=False)
+    code, _, err = run_cli(["train", write_yaml(tmp_path / "c.yaml", raw_config)], capsys)
+    assert code == 2
+    assert "network.train_unet: at least one of train_unet, train_text_encoder_1, train_text_encoder_2 must be true" in err
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model: [unclosed", "not valid YAML"),
+        ("- just\n- a list\n", "the config must be a mapping of sections"),
+        ("datasets: []\n", "model: is required"),
+    ],
+)
+def test_malformed_files(text, expected, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    code, _, err = run_cli(["train", path], capsys)
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, _, err = run_cli(["train", tmp_path / "nope.yaml"], capsys)
+    assert code == 2
+    assert err.strip() == f"error: {tmp_path / 'nope.yaml'}: config file not found"
+
+
+def test_every_error_is_reported_not_just_the_first(raw_config, tmp_path, capsys):
+    raw_config["network"].update(rank=0, alpha=-1)
+    code, _, err = run_cli(["train", write_yaml(tmp_path / "c.yaml", raw_config)], capsys)
+    assert code == 2
+    assert "network.rank:" in err and "network.alpha:" in err
+
+
+def test_bad_override_exits_2(raw_config, tmp_path, capsys):
+    path = write_yaml(tmp_path / "c.yaml", raw_config)
+    code, _, err = run_cli(["train", path, "--set", "datasets.3.repeats=5"], capsys)
+    assert code == 2
+    assert "datasets has 1 entry, so the index must be 0..0" in err or "datasets has 1 entries" in err
+    code, _, err = run_cli(["train", path, "--set", "network.rank=-4"], capsys)
+    assert code == 2 and "network.rank: must be a positive integer, got -4" in err
+
+
+def test_override_reaches_the_config(raw_config, tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", raw_config)
+    config = load_config(path, ["datasets.0.repeats=5", "network.rank=16", "training.betas=[0.8, 0.9]", "model.vae=null"])
+    assert config.datasets[0].repeats == 5
+    assert config.network.rank == 16
+    assert config.training.betas == (0.8, 0.9)
+
+
+def test_a_real_process_prints_no_traceback(raw_config, tmp_path):
+    raw_config["network"]["rank"] = -4
+    path = write_yaml(tmp_path / "c.yaml", raw_config)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_trainer", "train", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {path}: network.rank: must be a positive integer, got -4"
+    assert result.stdout == ""
