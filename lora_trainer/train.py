@@ -152,39 +152,38 @@ def setup(config: Config) -> Run:
 def fit(run: Run) -> None:
     accelerator, config = run.accelerator, run.config
     trainable = [parameter for model in run.trained.values() for parameter in lora_parameters(model)]
-    bar = progress_bar(total=run.total_steps, desc="training", unit="step", disable=not accelerator.is_local_main_process)
     window: list[float] = []
-    for epoch in range(1, run.epochs + 1):
-        for model in run.trained.values():
-            model.train()  # adapter dropout is active only in training mode
-        for batch in run.dataloader:
-            with accelerator.accumulate(*run.trained.values()):
-                latents = batch["latents"]
-                noise, timesteps = draw_noise_and_timesteps(latents, run.noise_scheduler.config.num_train_timesteps)
-                with accelerator.autocast():
-                    loss = training_step(run.unet, run.encode_captions, run.noise_scheduler, batch, noise, timesteps)
-                loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(run.step, epoch, loss_value)
-                window.append(loss_value)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.training.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, config.training.max_grad_norm)
-                run.optimizer.step()
-                run.lr_scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                run.step += 1
-                _report(run, bar, epoch, sum(window) / len(window))
-                window.clear()
-                if run.step >= run.total_steps:
-                    break
-        every = config.output.save_every_n_epochs
-        if every and epoch % every == 0 and run.step < run.total_steps:
-            save_lora(run, f"{config.output.name}-{epoch:06d}", epoch)
-        if run.step >= run.total_steps:
-            break
-    bar.close()
+    with progress_bar(total=run.total_steps, desc="training", unit="step", disable=not accelerator.is_local_main_process) as bar:
+        for epoch in range(1, run.epochs + 1):
+            for model in run.trained.values():
+                model.train()  # adapter dropout is active only in training mode
+            for batch in run.dataloader:
+                with accelerator.accumulate(*run.trained.values()):
+                    latents = batch["latents"]
+                    noise, timesteps = draw_noise_and_timesteps(latents, run.noise_scheduler.config.num_train_timesteps)
+                    with accelerator.autocast():
+                        loss = training_step(run.unet, run.encode_captions, run.noise_scheduler, batch, noise, timesteps)
+                    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+                    if not math.isfinite(loss_value):
+                        raise NonFiniteLoss(run.step, epoch, loss_value)
+                    window.append(loss_value)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.training.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trainable, config.training.max_grad_norm)
+                    run.optimizer.step()
+                    run.lr_scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    run.step += 1
+                    _report(run, bar, epoch, sum(window) / len(window))
+                    window.clear()
+                    if run.step >= run.total_steps:
+                        break
+            every = config.output.save_every_n_epochs
+            if every and epoch % every == 0 and run.step < run.total_steps:
+                save_lora(run, f"{config.output.name}-{epoch:06d}", epoch)
+            if run.step >= run.total_steps:
+                break
 
 
 def finalize(run: Run) -> Path:

@@ -72,3 +72,27 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, s
         code = exit_.code if isinstance(exit_.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each test gets a fresh one, as each CLI run does."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def train_in_process(raw: dict):
+    """Run setup -> fit -> finalize and return (run, path), keeping the in-memory adapters for comparison."""
+    from lora_trainer.config import validate_config
+    from lora_trainer.train import finalize, fit, setup
+
+    run = setup(validate_config(raw))
+    try:
+        fit(run)
+        path = finalize(run)
+    finally:
+        run.accelerator.end_training()
+    return run, path
