@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from lora_trainer.errors import ConfigError, UserError
@@ -26,7 +25,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-ConfigPath = Annotated[Path, typer.Argument(help="YAML config file (see configs/ and docs/config.md).", show_default=False)]
+ConfigPath = Annotated[
+    Path, typer.Argument(metavar="CONFIG", help="YAML config file (see configs/ and docs/config.md).", show_default=False)
+]
 Overrides = Annotated[
     list[str] | None,
     typer.Option(
@@ -114,14 +115,18 @@ def main(argv: list[str] | None = None) -> None:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         sys.exit(done.exit_code)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("interrupted; files already saved are complete, nothing half-written was left", file=sys.stderr)
         sys.exit(130)
+    except typer.TyperException as error:  # usage errors: unknown command or option, bad option value
+        show = getattr(error, "show", None)
+        if show is not None:
+            show()
+        else:
+            print(f"error: {error.format_message()}", file=sys.stderr)
+        sys.exit(error.exit_code)
 
 
 def _quiet_libraries() -> None:
