@@ -108,7 +108,8 @@ class NetworkConfig(_Section):
     """LoRA alpha (kohya's `network_alpha`): adapters are scaled by alpha / rank."""
 
     dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout on each adapter's input during training (PEFT's `lora_dropout`)."""
+    """Dropout on each adapter's input during training (PEFT's `lora_dropout`; kohya's `network_dropout` acts
+    after the down projection instead)."""
 
     train_unet: bool = True
     """Train adapters on the UNet's attention blocks."""
@@ -152,7 +153,7 @@ class TrainingConfig(_Section):
     """Learning rate of the UNet adapters (and of the text encoders unless set separately)."""
 
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    """`adamw` (torch) or `adamw8bit` (bitsandbytes, 8-bit states; needs a CUDA GPU)."""
+    """`adamw` (torch) or `adamw8bit` (bitsandbytes: 8-bit optimizer states, a quarter of AdamW's state memory)."""
 
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay."""
@@ -214,7 +215,7 @@ class OutputConfig(_Section):
     """File name of the LoRA, without extension."""
 
     save_every_n_epochs: int | None = Field(None, gt=0)
-    """Also save `<name>-<epoch>.safetensors` every this many epochs."""
+    """Also save `<name>-<epoch, six digits>.safetensors` every this many epochs (`mylora-000002.safetensors`)."""
 
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     """Precision of the saved LoRA weights; fp16 halves the file and is what UIs expect."""

@@ -21,11 +21,12 @@ from lora_trainer.data.cache import cache_latents
 from lora_trainer.data.records import ImageRecord, scan_datasets
 from lora_trainer.errors import UserError
 from lora_trainer.files import write_text_atomic
-from lora_trainer.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_parameters, read_lora_weights
+from lora_trainer.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers, lora_parameters, read_lora_weights
 from lora_trainer.lora_io import SAVE_DTYPES, save_lora_file, to_kohya_tensors
 from lora_trainer.metadata import Progress, lora_metadata
 from lora_trainer.models import load_noise_scheduler, load_text_encoders, load_unet
 from lora_trainer.objective import draw_noise_and_timesteps
+from lora_trainer.plots import write_loss_curve
 from lora_trainer.optim import make_lr_scheduler, make_optimizer
 from lora_trainer.precision import resolve_mixed_precision, weight_dtype
 from lora_trainer.progress import progress_bar
@@ -108,6 +109,8 @@ def setup(config: Config) -> Run:
     for part, model in trained.items():
         targets = UNET_TARGETS if part == "unet" else TEXT_ENCODER_TARGETS
         attach_lora(model, targets, network.rank, network.alpha, network.dropout)
+    if "text_encoder_1" in trained:
+        _freeze_last_layer_adapters(trained["text_encoder_1"])
     if config.training.gradient_checkpointing:
         _enable_gradient_checkpointing(parts)
 
@@ -151,7 +154,7 @@ def setup(config: Config) -> Run:
 
 def fit(run: Run) -> None:
     accelerator, config = run.accelerator, run.config
-    trainable = [parameter for model in run.trained.values() for parameter in lora_parameters(model)]
+    trainable = [parameter for model in run.trained.values() for parameter in trainable_parameters(model)]
     window: list[float] = []
     with progress_bar(total=run.total_steps, desc="training", unit="step", disable=not accelerator.is_local_main_process) as bar:
         for epoch in range(1, run.epochs + 1):
@@ -191,7 +194,7 @@ def finalize(run: Run) -> Path:
 
 
 def save_lora(run: Run, name: str, epoch: int) -> Path:
-    """Write `<output.dir>/<name>.safetensors` and the resolved config beside it (main process only)."""
+    """Write `<output.dir>/<name>.safetensors`, the resolved config and the loss curve beside it (main process only)."""
     accelerator, config = run.accelerator, run.config
     path = config.output.dir / f"{name}.safetensors"
     accelerator.wait_for_everyone()
@@ -201,6 +204,7 @@ def save_lora(run: Run, name: str, epoch: int) -> Path:
         metadata = lora_metadata(config, run.records, Progress(steps=run.step, epoch=epoch, started_at=run.started_at))
         save_lora_file(path, tensors, metadata)
         write_text_atomic(config.output.dir / f"{config.output.name}.yaml", dump_config(config))
+        write_loss_curve(config.output.dir / f"{config.output.name}-loss.png", run.losses, f"{config.output.name}: training loss")
         log.info("saved %s", path)
     return path
 
@@ -224,8 +228,8 @@ def _parameter_groups(trained: dict[str, torch.nn.Module], config: Config) -> li
     text_encoder_lr = config.network.text_encoder_learning_rate or config.training.learning_rate
     groups = []
     if "unet" in trained:
-        groups.append({"name": "unet", "params": lora_parameters(trained["unet"]), "lr": config.training.learning_rate})
-    text_parameters = [p for part, model in trained.items() if part != "unet" for p in lora_parameters(model)]
+        groups.append({"name": "unet", "params": trainable_parameters(trained["unet"]), "lr": config.training.learning_rate})
+    text_parameters = [p for part, model in trained.items() if part != "unet" for p in trainable_parameters(model)]
     if text_parameters:
         groups.append({"name": "text_encoder", "params": text_parameters, "lr": text_encoder_lr})
     return groups
@@ -242,6 +246,24 @@ def _make_dataloader(records: list[ImageRecord], latents: list, config: Config) 
         collate_fn=collate,
         generator=torch.Generator().manual_seed(config.training.seed),
     )
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [parameter for parameter in lora_parameters(model) if parameter.requires_grad]
+
+
+def _freeze_last_layer_adapters(text_encoder_1: torch.nn.Module) -> None:
+    """SDXL reads CLIP-L's penultimate layer, so the last layer's adapters can never get a gradient.
+
+    They stay in the file (kohya writes them too, as zeros) but do not train: an optimizer has nothing
+    to do there, and multi-GPU DDP fails on trainable parameters that no step uses.
+    """
+    last_layer = f"layers.{text_encoder_1.config.num_hidden_layers - 1}."
+    for name, layer in lora_layers(text_encoder_1).items():
+        if last_layer in name:
+            for parameter in layer.parameters():
+                if parameter.requires_grad:
+                    parameter.requires_grad_(False)
 
 
 def _enable_gradient_checkpointing(parts: dict[str, torch.nn.Module]) -> None:

@@ -37,6 +37,10 @@ def test_quickstart_runs_end_to_end_from_the_cli(tmp_path):
     assert events, "TensorBoard log missing"
     assert _tensorboard_scalars(out / "logs", "loss") == int(lora.metadata["ss_steps"])
     assert not list(out.rglob("*.tmp"))
+    from PIL import Image
+
+    with Image.open(out / "quickstart-loss.png") as curve:
+        assert curve.size == (800, 400)
 
 
 def _tensorboard_scalars(folder, tag: str) -> int:
@@ -67,6 +71,8 @@ def test_with_one_part_switched_on_only_its_adapters_train(part, prefix, raw_con
         last = run.accelerator.unwrap_model(run.trained[part]).config.num_hidden_layers - 1
         unused = {name for name in lora.weights if f"_encoder_layers_{last}_" in name}
         assert len(unused) == 6 and moved == set(lora.weights) - unused
+        frozen = [name for name, layer in lora_layers(run.accelerator.unwrap_model(run.trained[part])).items() if not layer.lora_A["default"].weight.requires_grad]
+        assert len(frozen) == 6 and all(f"layers.{last}." in name for name in frozen)  # so DDP never waits for them
     else:
         assert moved == set(lora.weights), "every adapter moved from its zero start"
     # Base weights never change: compare every non-adapter tensor with a fresh load.

@@ -1,0 +1,134 @@
+"""Speed and memory of one LoRA training step, on the UNet that dominates SDXL training.
+
+    python benchmarks/train_step.py                                  # tiny builtin model, CPU, fp32
+    python benchmarks/train_step.py --model sdxl-random --resolution 1024 --mixed-precision bf16 \
+        --gradient-checkpointing --optimizer adamw8bit                # SDXL-sized UNet, random weights, GPU
+
+`sdxl-random` builds SDXL base's real UNet architecture with random weights (nothing to download),
+so speed and memory are SDXL's; the loss values mean nothing. Conditioning is random tensors of
+SDXL's shapes (text encoders frozen and cached, the common setup). Prints one line of figures per run;
+record them in benchmarks/results.md with the machine they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lora_trainer.lora import UNET_TARGETS, attach_lora, lora_parameters  # noqa: E402
+from lora_trainer.objective import draw_noise_and_timesteps  # noqa: E402
+from lora_trainer.precision import WEIGHT_DTYPES  # noqa: E402
+from lora_trainer.step import training_step  # noqa: E402
+
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+
+
+def build_unet(name: str):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    if name == "sdxl-random":
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        return unet, scheduler, 2048, 1280
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.models import load_noise_scheduler, load_unet
+
+    model = ModelConfig(pretrained="builtin:tiny-sdxl")
+    unet = load_unet(model)
+    return unet, load_noise_scheduler(model), unet.config.cross_attention_dim, unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "sdxl-random"], default="tiny")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps, after 3 warmup steps")
+    arguments = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = WEIGHT_DTYPES[arguments.mixed_precision]
+    unet, scheduler, context_width, pooled_width = build_unet(arguments.model)
+    unet.requires_grad_(False)
+    unet.to(device, dtype)
+    attach_lora(unet, UNET_TARGETS, arguments.rank, arguments.rank / 2)
+    if arguments.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    parameters = lora_parameters(unet)
+    if arguments.optimizer == "adamw8bit":
+        import bitsandbytes
+
+        optimizer = bitsandbytes.optim.AdamW8bit(parameters, lr=1e-4)
+    else:
+        optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=arguments.mixed_precision == "fp16")
+
+    size, batch = arguments.resolution // 8, arguments.batch_size
+    latents = torch.randn(batch, 4, size, size, device=device)
+    context = torch.randn(batch, 77, context_width, device=device, dtype=dtype)
+    pooled = torch.randn(batch, pooled_width, device=device, dtype=dtype)
+    time_ids = torch.tensor([[arguments.resolution, arguments.resolution, 0, 0, arguments.resolution, arguments.resolution]] * batch, device=device, dtype=torch.float32)
+    batch_data = {"latents": latents, "captions": [""] * batch, "time_ids": time_ids}
+
+    def step() -> float:
+        noise, timesteps = draw_noise_and_timesteps(latents, 1000)
+        with torch.autocast(device.type, dtype=dtype, enabled=arguments.mixed_precision != "no"):
+            loss = training_step(unet, lambda _captions: (context, pooled), scheduler, batch_data, noise, timesteps)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    durations = []
+    for _ in range(arguments.steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        durations.append(time.perf_counter() - start)
+
+    seconds = statistics.median(durations)
+    if device.type == "cuda":
+        memory = f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        where = torch.cuda.get_device_name()
+    else:
+        memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        where = f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
+    print(
+        f"{arguments.model} {arguments.resolution}px batch {batch} rank {arguments.rank} {arguments.mixed_precision} "
+        f"{arguments.optimizer}{' checkpointing' if arguments.gradient_checkpointing else ''} on {where}: "
+        f"{seconds * 1000:.0f} ms/step, {batch / seconds:.2f} images/s, {memory}, "
+        f"{sum(p.numel() for p in parameters) / 1e6:.1f}M adapter parameters"
+    )
+
+
+if __name__ == "__main__":
+    main()
