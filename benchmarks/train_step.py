@@ -27,16 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lora_trainer.lora import UNET_TARGETS, attach_lora, lora_parameters  # noqa: E402
 from lora_trainer.objective import draw_noise_and_timesteps  # noqa: E402
 from lora_trainer.precision import WEIGHT_DTYPES  # noqa: E402
+from lora_trainer.sdxl_configs import SDXL_UNET  # noqa: E402
 from lora_trainer.step import training_step  # noqa: E402
-
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)
 
 
 def build_unet(name: str):

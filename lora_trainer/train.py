@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lora_trainer.conditioning import CaptionEncoder, cached_caption_encoder, live_caption_encoder
-from lora_trainer.config import Config, dump_config
+from lora_trainer.config import Config, NetworkConfig, dump_config
 from lora_trainer.data.cache import cache_latents
 from lora_trainer.data.records import ImageRecord, scan_datasets
 from lora_trainer.errors import UserError
@@ -70,47 +70,34 @@ def train(config: Config) -> Path:
             fit(run)
         except NonFiniteLoss as stop:
             raise UserError(_non_finite_message(run, stop)) from None
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(
+                f"out of GPU memory at step {run.step + 1}: set training.gradient_checkpointing: true, "
+                "training.optimizer: adamw8bit, a smaller training.batch_size (with gradient_accumulation_steps), "
+                "or freeze the text encoders"
+            ) from None
         return finalize(run)
     finally:
         run.accelerator.end_training()
 
 
 def setup(config: Config) -> Run:
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+    from accelerate.utils import set_seed
 
-    if not is_tensorboard_available():
-        raise UserError("TensorBoard is not installed, so no training curves would be logged; pip install tensorboard")
-    mixed_precision = resolve_mixed_precision(config.training.mixed_precision)
-    config = config.model_copy(update={"training": config.training.model_copy(update={"mixed_precision": mixed_precision})})
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=config.training.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(config.output.dir), logging_dir=str(config.output.dir / "logs")),
-    )
-    dtype = weight_dtype(mixed_precision)
-    device = accelerator.device
-
+    config, accelerator = _start_accelerator(config)
+    device, dtype = accelerator.device, weight_dtype(config.training.mixed_precision)
     records = scan_datasets(config.datasets)
     with accelerator.main_process_first():
         latents = cache_latents(config, records, device, show_progress=accelerator.is_local_main_process)
 
-    # Same seed on every process, so all start from identical adapters.
-    set_seed(config.training.seed)
-    network = config.network
+    set_seed(config.training.seed)  # the same on every process, so all start from identical adapters
     text = load_text_encoders(config.model)
-    unet = load_unet(config.model).to(device, dtype)
-    text.text_encoder_1.to(device, dtype)
-    text.text_encoder_2.to(device, dtype)
-    parts = {"unet": unet, "text_encoder_1": text.text_encoder_1, "text_encoder_2": text.text_encoder_2}
-    switched_on = {"unet": network.train_unet, "text_encoder_1": network.train_text_encoder_1, "text_encoder_2": network.train_text_encoder_2}
-    trained = {part: parts[part] for part, on in switched_on.items() if on}
-    for part, model in trained.items():
-        targets = UNET_TARGETS if part == "unet" else TEXT_ENCODER_TARGETS
-        attach_lora(model, targets, network.rank, network.alpha, network.dropout)
-    if "text_encoder_1" in trained:
-        _freeze_last_layer_adapters(trained["text_encoder_1"])
+    parts = {
+        "unet": load_unet(config.model).to(device, dtype),
+        "text_encoder_1": text.text_encoder_1.to(device, dtype),
+        "text_encoder_2": text.text_encoder_2.to(device, dtype),
+    }
+    trained = _attach_adapters(parts, config.network)
     if config.training.gradient_checkpointing:
         _enable_gradient_checkpointing(parts)
 
@@ -124,11 +111,8 @@ def setup(config: Config) -> Run:
     steps_per_epoch = math.ceil(len(dataloader) / config.training.gradient_accumulation_steps)
     total_steps = config.training.max_steps or config.training.epochs * steps_per_epoch
     lr_scheduler = accelerator.prepare(make_lr_scheduler(optimizer, config.training, total_steps, accelerator.num_processes))
-
-    encode_captions = live_caption_encoder(
-        text.tokenizer_1, text.tokenizer_2, parts["text_encoder_1"], parts["text_encoder_2"], device
-    )
-    if not network.trains_text_encoder:
+    encode_captions = live_caption_encoder(text.tokenizer_1, text.tokenizer_2, parts["text_encoder_1"], parts["text_encoder_2"], device)
+    if not config.network.trains_text_encoder:
         # Frozen encoders give the same output every step: encode each caption once, then free them.
         encode_captions = cached_caption_encoder([record.caption for record in records], encode_captions, device, dtype)
         text.text_encoder_1.to("cpu")
@@ -150,6 +134,36 @@ def setup(config: Config) -> Run:
         total_steps=total_steps,
         epochs=math.ceil(total_steps / steps_per_epoch),
     )
+
+
+def _start_accelerator(config: Config) -> tuple[Config, Any]:
+    """The Accelerator for this run, and the config with `mixed_precision: auto` resolved."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available
+
+    if not is_tensorboard_available():
+        raise UserError("TensorBoard is not installed, so no training curves would be logged; pip install tensorboard")
+    mixed_precision = resolve_mixed_precision(config.training.mixed_precision)
+    config = config.model_copy(update={"training": config.training.model_copy(update={"mixed_precision": mixed_precision})})
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=config.training.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(config.output.dir), logging_dir=str(config.output.dir / "logs")),
+    )
+    return config, accelerator
+
+
+def _attach_adapters(parts: dict[str, torch.nn.Module], network: NetworkConfig) -> dict[str, torch.nn.Module]:
+    """Attach LoRA to the parts switched on in the config; return those parts by name."""
+    switched_on = {"unet": network.train_unet, "text_encoder_1": network.train_text_encoder_1, "text_encoder_2": network.train_text_encoder_2}
+    trained = {part: parts[part] for part, on in switched_on.items() if on}
+    for part, model in trained.items():
+        targets = UNET_TARGETS if part == "unet" else TEXT_ENCODER_TARGETS
+        attach_lora(model, targets, network.rank, network.alpha, network.dropout)
+    if "text_encoder_1" in trained:
+        _freeze_last_layer_adapters(trained["text_encoder_1"])
+    return trained
 
 
 def fit(run: Run) -> None:

@@ -41,17 +41,21 @@ def tiny_model_path(lora_train_home: Path) -> Path:
     return builtin_model_path("tiny-sdxl")
 
 
-@pytest.fixture
-def raw_config(tmp_path: Path, tiny_model_path: Path) -> dict:
-    """A small, fast training config on the tiny model and the example dataset, writing under tmp_path."""
+def small_raw_config(folder: Path) -> dict:
+    """A small, fast training config on the tiny model and the example dataset, writing under `folder`."""
     return {
         "model": {"pretrained": "builtin:tiny-sdxl"},
         "datasets": [{"path": str(REPO / "datasets_example")}],
-        "data": {"resolution": 64, "cache_dir": str(tmp_path / "cache")},
+        "data": {"resolution": 64, "cache_dir": str(folder / "cache")},
         "network": {"rank": 4, "alpha": 2},
         "training": {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "mixed_precision": "no", "seed": 0},
-        "output": {"dir": str(tmp_path / "out"), "name": "test_lora", "save_dtype": "fp32"},
+        "output": {"dir": str(folder / "out"), "name": "test_lora", "save_dtype": "fp32"},
     }
+
+
+@pytest.fixture
+def raw_config(tmp_path: Path, tiny_model_path: Path) -> dict:
+    return small_raw_config(tmp_path)
 
 
 def write_yaml(path: Path, raw: dict) -> Path:

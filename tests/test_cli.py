@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli, train_in_process
+from conftest import REPO, run_cli, small_raw_config, train_in_process
 from PIL import Image
 
 
@@ -36,15 +36,8 @@ def test_unknown_command_is_a_usage_error(capsys):
 
 @pytest.fixture(scope="module")
 def trained_lora(tiny_model_path, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sample")
-    raw = {
-        "model": {"pretrained": "builtin:tiny-sdxl"},
-        "datasets": [{"path": str(REPO / "datasets_example")}],
-        "data": {"resolution": 64, "cache_dir": str(folder / "cache")},
-        "network": {"rank": 4, "alpha": 4},
-        "training": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-2, "mixed_precision": "no"},
-        "output": {"dir": str(folder / "out"), "name": "s"},
-    }
+    raw = small_raw_config(tmp_path_factory.mktemp("sample"))
+    raw["training"].update(max_steps=4, learning_rate=1e-2)
     from accelerate.state import AcceleratorState, GradientState
 
     _, path = train_in_process(raw)

@@ -11,10 +11,10 @@ import json
 import pytest
 import torch
 from conftest import SHARED
-from sdxl_configs import CLIP_BIGG, CLIP_L, SDXL_UNET
 
 from lora_trainer.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers
 from lora_trainer.lora_io import kohya_module_name
+from lora_trainer.sdxl_configs import CLIP_BIGG, CLIP_L, SDXL_UNET
 from lora_trainer.unet_names import ldm_module_path
 
 KOHYA = json.loads((SHARED / "data" / "kohya_sdxl_lora_names.json").read_text())

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import train_in_process
+from conftest import small_raw_config, train_in_process
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
@@ -25,17 +25,10 @@ DIFFUSERS_COMPONENT = {"unet": "unet", "text_encoder_1": "text_encoder", "text_e
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_path, tmp_path_factory):
-    from conftest import REPO
-
-    folder = tmp_path_factory.mktemp("interop")
-    raw = {
-        "model": {"pretrained": "builtin:tiny-sdxl"},
-        "datasets": [{"path": str(REPO / "datasets_example")}],
-        "data": {"resolution": 64, "cache_dir": str(folder / "cache")},
-        "network": {"rank": 4, "alpha": 3},  # alpha != rank, so a file that drops alpha fails
-        "training": {"max_steps": 8, "batch_size": 2, "learning_rate": 1e-2, "mixed_precision": "no", "seed": 0},
-        "output": {"dir": str(folder / "out"), "name": "interop", "save_dtype": "fp32"},
-    }
+    raw = small_raw_config(tmp_path_factory.mktemp("interop"))
+    raw["network"].update(rank=4, alpha=3)  # alpha != rank, so a file that drops alpha fails
+    raw["training"].update(max_steps=8, learning_rate=1e-2)
+    raw["output"]["name"] = "interop"
     run, path = train_in_process(raw)
     models = {part: run.accelerator.unwrap_model(model).eval() for part, model in run.trained.items()}
     return path, models

@@ -208,3 +208,35 @@ def test_an_empty_folder_is_a_config_error(raw_config, tmp_path, capsys):
     code, _, err = run_cli(["train", write_yaml(tmp_path / "c.yaml", raw_config)], capsys)
     assert code == 2
     assert err.strip() == f"error: datasets.0.path: no images (png, jpg, jpeg, webp) in {tmp_path / 'empty'}"
+
+
+def test_a_missing_tensorboard_is_an_error_not_a_silent_run(raw_config, tmp_path, capsys, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    code, _, err = run_cli(["train", write_yaml(tmp_path / "c.yaml", raw_config)], capsys)
+    assert code == 1
+    assert err.strip() == "error: TensorBoard is not installed, so no training curves would be logged; pip install tensorboard"
+
+
+def test_running_out_of_gpu_memory_gives_advice(raw_config, tmp_path, capsys, monkeypatch):
+    import lora_trainer.train as train_module
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "training_step", out_of_memory)
+    code, _, err = run_cli(["train", write_yaml(tmp_path / "c.yaml", raw_config)], capsys)
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: out of GPU memory at step 1") and "training.gradient_checkpointing" in line
+    assert "Traceback" not in err
+
+
+def test_an_unreachable_hub_model_names_the_field(raw_config, tmp_path, capsys):
+    raw_config["model"]["pretrained"] = "nobody-here/no-such-sdxl"  # HF_HUB_OFFLINE=1 in the tests
+    code, _, err = run_cli(["train", write_yaml(tmp_path / "c.yaml", raw_config)], capsys)
+    assert code == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: model.pretrained: cannot load the vae of 'nobody-here/no-such-sdxl'")
+    assert "Traceback" not in err

@@ -1,4 +1,4 @@
-"""Stable Diffusion XL base 1.0's real architecture configs, for building the models on the meta device."""
+"""Stable Diffusion XL base 1.0's architecture, for building its parts without weights (meta device, benchmarks)."""
 
 SDXL_UNET = dict(
     sample_size=128,
