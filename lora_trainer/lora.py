@@ -84,11 +84,10 @@ def read_lora_weights(model: torch.nn.Module) -> dict[str, LoraWeights]:
     """The adapters' current weights by module path."""
     weights = {}
     for name, layer in lora_layers(model).items():
-        rank = layer.r[ADAPTER_NAME]
         weights[name] = LoraWeights(
             down=layer.lora_A[ADAPTER_NAME].weight.detach(),
             up=layer.lora_B[ADAPTER_NAME].weight.detach(),
-            alpha=layer.lora_alpha[ADAPTER_NAME] if ADAPTER_NAME in layer.lora_alpha else float(rank),
+            alpha=float(layer.lora_alpha[ADAPTER_NAME]),
         )
     return weights
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -56,24 +56,22 @@ class LatentCache:
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
+    def path(self, record: ImageRecord) -> Path:
+        return self.folder / f"{self.key(record)}.safetensors"
+
     def lookup(self, record: ImageRecord) -> CachedLatent | None:
-        path = self.folder / f"{self.key(record)}.safetensors"
+        path = self.path(record)
         try:
             with safe_open(path, framework="pt") as handle:
                 metadata = handle.metadata()
-            crop = json.loads(metadata["crop"])
-            return CachedLatent(path, CropInfo(*(tuple(crop[name]) for name in ("original_size", "crop_top_left", "target_size"))))
+            crop = {name: tuple(value) for name, value in json.loads(metadata["crop"]).items()}
+            return CachedLatent(path, CropInfo(**crop))
         except (OSError, SafetensorError, KeyError, ValueError, TypeError):
             return None  # absent or unreadable: encode again
 
     def store(self, record: ImageRecord, latents: torch.Tensor, crop: CropInfo) -> CachedLatent:
-        path = self.folder / f"{self.key(record)}.safetensors"
-        metadata = {
-            "image": str(record.image_path),
-            "crop": json.dumps(
-                {"original_size": crop.original_size, "crop_top_left": crop.crop_top_left, "target_size": crop.target_size}
-            ),
-        }
+        path = self.path(record)
+        metadata = {"image": str(record.image_path), "crop": json.dumps(asdict(crop))}
         write_bytes_atomic(path, save({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, metadata))
         return CachedLatent(path, crop)
 
