@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from lora_trainer.files import directory_atomic, write_text_atomic
+from lora_trainer.sdxl_configs import CLIP_BIGG, CLIP_L, SDXL_UNET
 
 # Bump when the recipe changes, so an old build in a user's cache is not reused.
 TINY_SDXL_VERSION = 1
@@ -59,9 +60,8 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
     tokenizer_1, tokenizer_2 = make_tiny_tokenizers()
     pipeline = StableDiffusionXLPipeline(
         vae=_tiny_vae(),
-        # CLIP ViT-L uses quick_gelu, OpenCLIP bigG plain gelu.
-        text_encoder=_tiny_text_encoder(TEXT_ENCODER_1_WIDTH, "quick_gelu", tokenizer_1.pad_token_id, projection=False),
-        text_encoder_2=_tiny_text_encoder(TEXT_ENCODER_2_WIDTH, "gelu", tokenizer_2.pad_token_id, projection=True),
+        text_encoder=_tiny_text_encoder(TEXT_ENCODER_1_WIDTH, CLIP_L["hidden_act"], tokenizer_1.pad_token_id, projection=False),
+        text_encoder_2=_tiny_text_encoder(TEXT_ENCODER_2_WIDTH, CLIP_BIGG["hidden_act"], tokenizer_2.pad_token_id, projection=True),
         tokenizer=tokenizer_1,
         tokenizer_2=tokenizer_2,
         unet=_tiny_unet(),
@@ -119,22 +119,19 @@ def _tiny_text_encoder(width: int, hidden_act: str, pad_token_id: int, projectio
 def _tiny_unet():
     from diffusers import UNet2DConditionModel
 
+    # SDXL's block layout as it is; only the widths and the number of transformer blocks shrink.
     return UNet2DConditionModel(
-        sample_size=16,  # 128 px images through the 8x VAE
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        transformer_layers_per_block=(1, 1, 2),
-        attention_head_dim=(2, 4, 4),
-        norm_num_groups=16,
-        cross_attention_dim=TEXT_ENCODER_1_WIDTH + TEXT_ENCODER_2_WIDTH,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_ID_EMBED_WIDTH,
-        projection_class_embeddings_input_dim=TEXT_ENCODER_2_WIDTH + 6 * TIME_ID_EMBED_WIDTH,
+        **{
+            **SDXL_UNET,
+            "sample_size": 16,  # 128 px images through the 8x VAE
+            "block_out_channels": (32, 64, 64),
+            "transformer_layers_per_block": (1, 1, 2),
+            "attention_head_dim": (2, 4, 4),
+            "norm_num_groups": 16,
+            "cross_attention_dim": TEXT_ENCODER_1_WIDTH + TEXT_ENCODER_2_WIDTH,
+            "addition_time_embed_dim": TIME_ID_EMBED_WIDTH,
+            "projection_class_embeddings_input_dim": TEXT_ENCODER_2_WIDTH + 6 * TIME_ID_EMBED_WIDTH,
+        }
     )
 
 

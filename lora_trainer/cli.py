@@ -96,8 +96,8 @@ def sample(
     try:
         model_config = ModelConfig(pretrained=model, vae=vae, prediction_type=prediction_type)
     except ValidationError as error:
-        message = format_validation_error(error, ModelConfig, "sample")
-        raise ConfigError(message.replace("pretrained:", "--model:").replace("vae:", "--vae:")) from None
+        options = {"pretrained": "--model", "vae": "--vae", "prediction_type": "--prediction-type"}
+        raise ConfigError(format_validation_error(error, ModelConfig, "sample", options)) from None
 
     from lora_trainer.sample import SampleSettings, sample_images
 

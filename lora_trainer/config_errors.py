@@ -34,9 +34,19 @@ KOHYA_NAMES = {
 }
 
 
-def format_validation_error(error: ValidationError, root: type[BaseModel], source: str) -> str:
-    """One line per problem, e.g. `network.rank: must be a positive integer, got -4`."""
-    lines = [_format_one(details, root) for details in error.errors()]
+def format_validation_error(
+    error: ValidationError, root: type[BaseModel], source: str, field_names: dict[str, str] | None = None
+) -> str:
+    """One line per problem, e.g. `network.rank: must be a positive integer, got -4`.
+
+    `field_names` renames top-level fields, for models filled from command-line options.
+    """
+    lines = []
+    for details in error.errors():
+        location = list(details["loc"])
+        if location and field_names and location[0] in field_names:
+            details = {**details, "loc": (field_names[location[0]], *location[1:])}
+        lines.append(_format_one(details, root))
     return "\n".join(f"{source}: {line}" for line in lines)
 
 

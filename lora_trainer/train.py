@@ -26,8 +26,8 @@ from lora_trainer.lora_io import SAVE_DTYPES, save_lora_file, to_kohya_tensors
 from lora_trainer.metadata import Progress, lora_metadata
 from lora_trainer.models import load_noise_scheduler, load_text_encoders, load_unet
 from lora_trainer.objective import draw_noise_and_timesteps
-from lora_trainer.plots import write_loss_curve
 from lora_trainer.optim import make_lr_scheduler, make_optimizer
+from lora_trainer.plots import write_loss_curve
 from lora_trainer.precision import resolve_mixed_precision, weight_dtype
 from lora_trainer.progress import progress_bar
 from lora_trainer.step import training_step

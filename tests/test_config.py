@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO, run_cli, write_yaml
 
 from lora_trainer.config import Config, dump_config, load_config, validate_config
-from lora_trainer.errors import ConfigError
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
