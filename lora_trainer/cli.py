@@ -52,18 +52,15 @@ def train(config: ConfigPath, overrides: Overrides = None) -> None:
 
 @app.command("cache-latents")
 def cache_latents(config: ConfigPath, overrides: Overrides = None) -> None:
-    """Encode every training image with the VAE ahead of training; `train` then reuses the cache."""
+    """Encode every training image with the VAE (and, when training will use them, the captions with the text
+    encoders) ahead of training; `train` then reuses the cache."""
     from lora_trainer.config import load_config
 
     settings = load_config(config, overrides)
-    import torch
+    from lora_trainer.precache import fill_caches
 
-    from lora_trainer.data.cache import cache_latents as fill_cache
-    from lora_trainer.data.records import scan_datasets
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cached = fill_cache(settings, scan_datasets(settings.datasets), device)
-    typer.echo(f"{len(cached)} images cached in {settings.cache_dir}")
+    for line in fill_caches(settings):
+        typer.echo(line)
 
 
 @app.command()

@@ -54,27 +54,6 @@ def live_caption_encoder(
     return encode
 
 
-@torch.no_grad()
-def cached_caption_encoder(
-    captions: Sequence[str], encode: CaptionEncoder, device: torch.device, dtype: torch.dtype, batch_size: int = 16
-) -> CaptionEncoder:
-    """Encode every distinct caption once (frozen text encoders) and look them up afterwards."""
-    distinct = sorted(set(captions))
-    table: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for start in range(0, len(distinct), batch_size):
-        chunk = distinct[start : start + batch_size]
-        context, pooled = encode(chunk)
-        for index, caption in enumerate(chunk):
-            table[caption] = (context[index].to("cpu", dtype), pooled[index].to("cpu", dtype))
-
-    def lookup(batch_captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        context = torch.stack([table[caption][0] for caption in batch_captions]).to(device)
-        pooled = torch.stack([table[caption][1] for caption in batch_captions]).to(device)
-        return context, pooled
-
-    return lookup
-
-
 def time_ids(
     original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
 ) -> torch.Tensor:

@@ -31,6 +31,27 @@ KOHYA_NAMES = {
     "output_dir": "output.dir",
     "save_precision": "output.save_dtype",
     "resolution": "data.resolution",
+    "enable_bucket": "data.buckets",
+    "bucket_reso_steps": "data.bucket_step",
+    "min_bucket_reso": "data.min_bucket_side",
+    "max_bucket_reso": "data.max_bucket_side",
+    "bucket_no_upscale": "data.bucket_no_upscale",
+    "cache_latents_to_disk": "data.cache_latents (always on disk here)",
+    "cache_text_encoder_outputs": "data.cache_text_embeddings",
+    "vae_batch_size": "data.vae_batch_size",
+    "reg_data_dir": "a datasets entry with is_reg: true",
+    "prior_loss_weight": "datasets.N.loss_weight (of the is_reg entry)",
+    "shuffle_caption": "datasets.N.shuffle_tags",
+    "caption_separator": "datasets.N.tag_separator",
+    "caption_dropout_rate": "datasets.N.caption_dropout",
+    "caption_tag_dropout_rate": "datasets.N.tag_dropout",
+    "image_dir": "datasets.N.path",
+    "keep_tokens": "datasets.N.keep_tokens",
+    "flip_aug": "datasets.N.flip_aug",
+    "random_crop": "datasets.N.random_crop (with data.cache_latents: false)",
+    "caption_prefix": "datasets.N.caption_prefix",
+    "caption_suffix": "datasets.N.caption_suffix",
+    "class_tokens": "datasets.N.class_tokens",
 }
 
 
@@ -63,9 +84,9 @@ def _format_one(details: dict[str, Any], root: type[BaseModel]) -> str:
     if kind == "value_error":
         message = str(context.get("error", details["msg"]))
         # A cross-field rule names the field it blames as "field: reason".
-        named = re.match(r"^([a-z_][a-z0-9_]*): (.*)$", message, re.S)
+        named = re.match(r"^([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): (.*)$", message, re.S)
         if named:
-            return f"{_dotted([*location, named.group(1)])}: {named.group(2)}"
+            return f"{_dotted([*location, *named.group(1).split('.')])}: {named.group(2)}"
         return f"{_dotted(location)}: {message}"
     if kind == "greater_than" and context.get("gt") == 0:
         expected = "a positive integer" if _annotation_at(location, root) in (int, int | None) else "greater than 0"

@@ -11,10 +11,16 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from lora_trainer import __version__
 from lora_trainer.config import Config
+from lora_trainer.data.captions import split_tags
+from lora_trainer.data.dataset import epoch_items
 from lora_trainer.data.records import ImageRecord
+
+if TYPE_CHECKING:
+    from lora_trainer.data.pipeline import TrainingData
 
 
 @dataclass(frozen=True)
@@ -26,9 +32,10 @@ class Progress:
     started_at: datetime
 
 
-def lora_metadata(config: Config, records: Sequence[ImageRecord], progress: Progress) -> dict[str, str]:
+def lora_metadata(config: Config, data: TrainingData, progress: Progress) -> dict[str, str]:
     network, training = config.network, config.training
     resolution = config.data.resolution
+    records = data.records
     text_encoder_lr = network.text_encoder_learning_rate or training.learning_rate
     return {
         "ss_base_model_version": "sdxl_base_v1-0",
@@ -42,8 +49,22 @@ def lora_metadata(config: Config, records: Sequence[ImageRecord], progress: Prog
         "ss_sd_model_name": config.model.pretrained,
         "ss_vae_name": config.model.vae or "",
         "ss_resolution": f"({resolution}, {resolution})",
-        "ss_num_train_images": str(sum(record.repeats for record in records)),
+        "ss_num_train_images": str(sum(record.repeats for record in records if not record.is_reg)),
+        "ss_num_reg_images": str(sum(record.repeats for record in records if record.is_reg)),
         "ss_tag_frequency": json.dumps(tag_frequency(records, config)),
+        "ss_dataset_dirs": json.dumps(dataset_dirs(data, is_reg=False)),
+        "ss_reg_dataset_dirs": json.dumps(dataset_dirs(data, is_reg=True)),
+        "ss_bucket_info": json.dumps(bucket_info(data, training.seed)) if config.data.buckets else "null",
+        "ss_enable_bucket": str(config.data.buckets),
+        "ss_min_bucket_reso": str(config.data.smallest_side),
+        "ss_max_bucket_reso": str(config.data.largest_side),
+        "ss_bucket_no_upscale": str(config.data.bucket_no_upscale),
+        "ss_flip_aug": str(any(dataset.flip_aug for dataset in config.datasets)),
+        "ss_random_crop": str(any(dataset.random_crop for dataset in config.datasets)),
+        "ss_shuffle_caption": str(any(dataset.shuffle_tags for dataset in config.datasets)),
+        "ss_keep_tokens": str(max(dataset.keep_tokens for dataset in config.datasets)),
+        "ss_caption_dropout_rate": str(max(dataset.caption_dropout for dataset in config.datasets)),
+        "ss_caption_tag_dropout_rate": str(max(dataset.tag_dropout for dataset in config.datasets)),
         "ss_steps": str(progress.steps),
         "ss_epoch": str(progress.epoch),
         "ss_training_started_at": str(progress.started_at.timestamp()),
@@ -71,10 +92,30 @@ def lora_metadata(config: Config, records: Sequence[ImageRecord], progress: Prog
 
 
 def tag_frequency(records: Sequence[ImageRecord], config: Config) -> dict[str, dict[str, int]]:
-    """Comma-separated caption tags counted per dataset folder, as kohya writes `ss_tag_frequency`."""
+    """Caption tags counted per image folder, as kohya writes `ss_tag_frequency` (which UIs show as the LoRA's tags)."""
     frequency: dict[str, Counter[str]] = {}
     for record in records:
-        folder = config.datasets[record.dataset_index].path.name
-        tags = (tag.strip() for tag in record.caption.split(","))
-        frequency.setdefault(folder, Counter()).update(tag for tag in tags if tag)
+        separator = config.datasets[record.dataset_index].tag_separator
+        frequency.setdefault(record.folder, Counter()).update(split_tags(record.caption, separator))
     return {folder: dict(counts) for folder, counts in frequency.items()}
+
+
+def dataset_dirs(data: TrainingData, is_reg: bool) -> dict[str, dict[str, int]]:
+    """Per folder: its repeats and usable images (kohya's `ss_dataset_dirs` / `ss_reg_dataset_dirs`)."""
+    counts = Counter(record.folder for record in data.records if record.is_reg == is_reg)
+    return {
+        folder.path.name: {"n_repeats": folder.repeats, "img_count": counts[folder.path.name]}
+        for folder in data.folders
+        if folder.path.name in counts
+    }
+
+
+def bucket_info(data: TrainingData, seed: int) -> dict:
+    """Bucket sizes (width, height) with the images one epoch trains on, and the mean aspect-ratio error."""
+    per_epoch = Counter(item.plan.bucket for item in epoch_items(data.items, seed))
+    buckets = sorted(per_epoch, key=lambda size: size[1] / size[0])
+    errors = [abs(item.plan.original[1] / item.plan.original[0] - item.plan.bucket[1] / item.plan.bucket[0]) for item in data.items]
+    return {
+        "buckets": {str(index): {"resolution": [size[1], size[0]], "count": per_epoch[size]} for index, size in enumerate(buckets)},
+        "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0,
+    }

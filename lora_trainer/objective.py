@@ -3,7 +3,8 @@
     noisy  = sqrt(abar_t) * latents + sqrt(1 - abar_t) * noise          (scheduler.add_noise)
     target = noise                                          (epsilon)
            = sqrt(abar_t) * noise - sqrt(1 - abar_t) * latents  (v_prediction; scheduler.get_velocity)
-    loss   = mean over the batch of the per-sample mean squared error, in fp32
+    loss   = mean over the batch of weight_i * (per-sample mean squared error), in fp32
+             (weight_i: the image's dataset loss_weight, e.g. for regularization images; as kohya weighs)
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def prediction_target(
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
-def denoising_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device, torch.float32)
     return per_sample.mean()

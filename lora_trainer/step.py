@@ -29,4 +29,4 @@ def training_step(
         added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].to(latents.device)},
     ).sample
     target = prediction_target(noise_scheduler, latents, noise, timesteps, noise_scheduler.config.prediction_type)
-    return denoising_loss(prediction, target)
+    return denoising_loss(prediction, target, batch.get("loss_weights"))

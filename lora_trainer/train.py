@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
-from lora_trainer.conditioning import CaptionEncoder, cached_caption_encoder, live_caption_encoder
+from lora_trainer.conditioning import CaptionEncoder, live_caption_encoder
 from lora_trainer.config import Config, NetworkConfig, dump_config
-from lora_trainer.data.cache import cache_latents
-from lora_trainer.data.records import ImageRecord, scan_datasets
+from lora_trainer.data.pipeline import TrainingData, bucket_table, prepare_training_data
+from lora_trainer.data.text_cache import cache_caption_embeddings, cached_caption_encoder
 from lora_trainer.errors import UserError
 from lora_trainer.files import write_text_atomic
 from lora_trainer.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers, lora_parameters, read_lora_weights
 from lora_trainer.lora_io import SAVE_DTYPES, save_lora_file, to_kohya_tensors
 from lora_trainer.metadata import Progress, lora_metadata
-from lora_trainer.models import load_noise_scheduler, load_text_encoders, load_unet
+from lora_trainer.models import load_noise_scheduler, load_text_encoders, load_unet, load_vae
 from lora_trainer.objective import draw_noise_and_timesteps
 from lora_trainer.optim import make_lr_scheduler, make_optimizer
 from lora_trainer.plots import write_loss_curve
@@ -47,7 +47,7 @@ class Run:
 
     config: Config
     accelerator: Any
-    records: list[ImageRecord]
+    data: TrainingData
     unet: torch.nn.Module
     encode_captions: CaptionEncoder
     noise_scheduler: Any
@@ -57,6 +57,7 @@ class Run:
     dataloader: Any
     total_steps: int
     epochs: int
+    vae: torch.nn.Module | None = None  # set when images are encoded every step instead of cached
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     step: int = 0
     losses: list[float] = field(default_factory=list)
@@ -86,9 +87,11 @@ def setup(config: Config) -> Run:
 
     config, accelerator = _start_accelerator(config)
     device, dtype = accelerator.device, weight_dtype(config.training.mixed_precision)
-    records = scan_datasets(config.datasets)
+    show_progress = accelerator.is_local_main_process
     with accelerator.main_process_first():
-        latents = cache_latents(config, records, device, show_progress=accelerator.is_local_main_process)
+        data = prepare_training_data(config, device, lambda: load_vae(config.model), show_progress)
+    if accelerator.is_main_process:
+        log.info("aspect-ratio buckets:\n%s", bucket_table(data.items, config.training.seed))
 
     set_seed(config.training.seed)  # the same on every process, so all start from identical adapters
     text = load_text_encoders(config.model)
@@ -102,19 +105,22 @@ def setup(config: Config) -> Run:
         _enable_gradient_checkpointing(parts)
 
     optimizer = make_optimizer(_parameter_groups(trained, config), config.training)
-    dataloader = _make_dataloader(records, latents, config)
-    prepared = accelerator.prepare(*trained.values(), optimizer, dataloader)
+    prepared = accelerator.prepare(*trained.values(), optimizer)
     trained = dict(zip(trained, prepared[: len(trained)]))
-    optimizer, dataloader = prepared[len(trained) :]
+    optimizer = prepared[-1]
     parts.update(trained)
+    dataloader = _make_dataloader(data, config, accelerator)
 
     steps_per_epoch = math.ceil(len(dataloader) / config.training.gradient_accumulation_steps)
     total_steps = config.training.max_steps or config.training.epochs * steps_per_epoch
     lr_scheduler = accelerator.prepare(make_lr_scheduler(optimizer, config.training, total_steps, accelerator.num_processes))
     encode_captions = live_caption_encoder(text.tokenizer_1, text.tokenizer_2, parts["text_encoder_1"], parts["text_encoder_2"], device)
-    if not config.network.trains_text_encoder:
-        # Frozen encoders give the same output every step: encode each caption once, then free them.
-        encode_captions = cached_caption_encoder([record.caption for record in records], encode_captions, device, dtype)
+    if config.caches_text_embeddings:
+        with accelerator.main_process_first():
+            cache, reused, encoded = cache_caption_embeddings(config, data.records, text, device, dtype, show_progress)
+        log.info("text embeddings: %d reused, %d encoded", reused, encoded)
+        encode_captions = cached_caption_encoder(cache, device, dtype)
+        # Their outputs now come from disk: the encoders can leave the GPU.
         text.text_encoder_1.to("cpu")
         text.text_encoder_2.to("cpu")
 
@@ -123,7 +129,7 @@ def setup(config: Config) -> Run:
     return Run(
         config=config,
         accelerator=accelerator,
-        records=records,
+        data=data,
         unet=parts["unet"],
         encode_captions=encode_captions,
         noise_scheduler=load_noise_scheduler(config.model),
@@ -133,7 +139,15 @@ def setup(config: Config) -> Run:
         dataloader=dataloader,
         total_steps=total_steps,
         epochs=math.ceil(total_steps / steps_per_epoch),
+        vae=None if config.data.cache_latents else _frozen_vae(config, device),
     )
+
+
+def _frozen_vae(config: Config, device: torch.device) -> torch.nn.Module:
+    """The VAE for encoding images every step (no latent cache), in fp32 because SDXL's VAE overflows in fp16."""
+    vae = load_vae(config.model).to(device, torch.float32)
+    vae.requires_grad_(False)
+    return vae.eval()
 
 
 def _start_accelerator(config: Config) -> tuple[Config, Any]:
@@ -174,9 +188,10 @@ def fit(run: Run) -> None:
         for epoch in range(1, run.epochs + 1):
             for model in run.trained.values():
                 model.train()  # adapter dropout is active only in training mode
+            run.dataloader.set_epoch(epoch)
             for batch in run.dataloader:
                 with accelerator.accumulate(*run.trained.values()):
-                    latents = batch["latents"]
+                    latents = batch["latents"] = _latents_of(batch, run.vae)
                     noise, timesteps = draw_noise_and_timesteps(latents, run.noise_scheduler.config.num_train_timesteps)
                     with accelerator.autocast():
                         loss = training_step(run.unet, run.encode_captions, run.noise_scheduler, batch, noise, timesteps)
@@ -203,6 +218,15 @@ def fit(run: Run) -> None:
                 break
 
 
+@torch.no_grad()
+def _latents_of(batch: dict[str, Any], vae: torch.nn.Module | None) -> torch.Tensor:
+    if "latents" in batch:
+        return batch["latents"]
+    distribution = vae.encode(batch["pixels"].to(vae.device, torch.float32)).latent_dist
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (distribution.sample() - shift) * vae.config.scaling_factor
+
+
 def finalize(run: Run) -> Path:
     return save_lora(run, run.config.output.name, run.epochs)
 
@@ -215,7 +239,7 @@ def save_lora(run: Run, name: str, epoch: int) -> Path:
     if accelerator.is_main_process:
         weights = {part: (model, read_lora_weights(model)) for part, model in _unwrapped(run).items()}
         tensors = to_kohya_tensors(weights, SAVE_DTYPES[config.output.save_dtype])
-        metadata = lora_metadata(config, run.records, Progress(steps=run.step, epoch=epoch, started_at=run.started_at))
+        metadata = lora_metadata(config, run.data, Progress(steps=run.step, epoch=epoch, started_at=run.started_at))
         save_lora_file(path, tensors, metadata)
         write_text_atomic(config.output.dir / f"{config.output.name}.yaml", dump_config(config))
         write_loss_curve(config.output.dir / f"{config.output.name}-loss.png", run.losses, f"{config.output.name}: training loss")
@@ -249,17 +273,25 @@ def _parameter_groups(trained: dict[str, torch.nn.Module], config: Config) -> li
     return groups
 
 
-def _make_dataloader(records: list[ImageRecord], latents: list, config: Config) -> torch.utils.data.DataLoader:
-    from lora_trainer.data.dataset import LatentDataset, collate
+def _make_dataloader(data: TrainingData, config: Config, accelerator: Any) -> Any:
+    """Batches of one bucket each; this process's share of them, already on its device."""
+    from accelerate.data_loader import prepare_data_loader
 
-    dataset = LatentDataset(records, latents)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.training.batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(config.training.seed),
+    from lora_trainer.data.dataset import TrainingDataset, collate, epoch_items
+    from lora_trainer.data.sampler import BucketBatchSampler
+
+    seed = config.training.seed
+    dataset = TrainingDataset(epoch_items(data.items, seed), config.datasets, seed, config.data.alpha_background)
+    sampler = BucketBatchSampler(
+        dataset.buckets(), config.training.batch_size, seed, accelerator.num_processes, accelerator.process_index
     )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.workers,
+        persistent_workers=config.data.workers > 0,
+    )
+    # Our sampler already splits batches between processes; Accelerate only tracks the loader's end (for
+    # gradient accumulation) and moves batches to the device.
+    return prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0, put_on_device=True)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -33,7 +33,10 @@ def test_defaults_are_what_an_sdxl_lora_user_expects(raw_config):
     assert config.data.resolution == 1024
     assert config.training.optimizer == "adamw"
     assert config.training.mixed_precision == "auto"
-    assert config.datasets[0].caption_extension == ".txt"
+    assert config.datasets[0].caption_extensions == (".txt", ".caption")
+    assert config.data.buckets and config.data.bucket_step == 64
+    assert (config.data.smallest_side, config.data.largest_side) == (256, 2048)
+    assert config.data.cache_latents and config.data.on_bad_image == "skip"
     assert config.model.prediction_type == "epsilon"
 
 

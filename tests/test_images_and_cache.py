@@ -1,42 +1,23 @@
-"""Images are fitted by resize + center crop, the crop reaches time_ids, and latents are cached once."""
+"""Images are read upright and flattened, cut as planned, and the latent cache is content-addressed and self-checking."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
 from PIL import Image
 
 from lora_trainer.config import validate_config
-from lora_trainer.data.cache import LatentCache, cache_latents, encode_into_cache, fill_latent_cache
-from lora_trainer.data.dataset import LatentDataset
-from lora_trainer.data.images import CropInfo, load_rgb, resize_and_center_crop
-from lora_trainer.data.records import scan_datasets
-from lora_trainer.errors import UserError
+from lora_trainer.data.buckets import CropPlan
+from lora_trainer.data.images import UnreadableImage, apply_plan, load_rgb
+from lora_trainer.data.pipeline import prepare_training_data
+from lora_trainer.models import load_vae
 
-
-@pytest.mark.parametrize(
-    "size, expected",
-    [
-        ((160, 128), CropInfo((128, 160), (0, 8), (64, 64))),  # landscape: 80x64, 8 px cut on each side
-        ((128, 192), CropInfo((192, 128), (16, 0), (64, 64))),  # portrait: 64x96, 16 px cut top and bottom
-        ((32, 32), CropInfo((32, 32), (0, 0), (64, 64))),  # small images are scaled up
-        ((64, 64), CropInfo((64, 64), (0, 0), (64, 64))),
-    ],
-)
-def test_resize_and_center_crop(size, expected):
-    image, crop = resize_and_center_crop(Image.new("RGB", size, (1, 2, 3)), (64, 64))
-    assert image.size == (64, 64)
-    assert crop == expected
-
-
-def test_the_crop_is_centered():
-    image = Image.new("RGB", (160, 128), (0, 0, 0))
-    image.paste((255, 255, 255), (0, 0, 16, 128))  # a white band that the centered crop must cut away
-    cropped, _ = resize_and_center_crop(image, (64, 64))
-    assert max(cropped.getpixel((0, 32))) < 50  # dark (Lanczos spills a little); a left-aligned crop would be white
+CPU = torch.device("cpu")
 
 
 def test_exif_orientation_is_honoured(tmp_path):
@@ -47,122 +28,166 @@ def test_exif_orientation_is_honoured(tmp_path):
     assert load_rgb(tmp_path / "rotated.jpg").size == (20, 40)
 
 
-def test_transparency_is_flattened_onto_white(tmp_path):
-    image = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
-    image.save(tmp_path / "clear.png")
+def test_transparency_is_flattened_onto_the_stated_background(tmp_path):
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "clear.png")
     assert load_rgb(tmp_path / "clear.png").getpixel((3, 3)) == (255, 255, 255)
+    assert load_rgb(tmp_path / "clear.png", (0, 128, 0)).getpixel((3, 3)) == (0, 128, 0)
 
 
-def test_unreadable_image_names_the_file(tmp_path):
+def test_unreadable_image_says_why(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really")
-    with pytest.raises(UserError, match="bad.jpg: cannot read this image"):
+    with pytest.raises(UnreadableImage, match="cannot read this image"):
         load_rgb(tmp_path / "bad.jpg")
 
 
+def test_a_plan_resizes_crops_and_mirrors():
+    image = Image.new("RGB", (160, 128), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 16, 128))  # a white band on the left, mostly cut away by the crop
+    plan = CropPlan((128, 160), (64, 80), (64, 64), (0, 8))
+    cropped = apply_plan(image, plan)
+    assert cropped.size == (64, 64)
+    assert max(cropped.getpixel((0, 32))) < 50 and max(apply_plan(image, plan, flip=True).getpixel((63, 32))) < 50
+
+
 @pytest.fixture
-def config(raw_config):
-    return validate_config(raw_config)
+def dataset_copy(tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(REPO / "datasets_example", folder)
+    return folder
 
 
-def test_latents_are_vae_samples_times_the_scaling_factor(config):
-    from lora_trainer.models import load_vae
+@pytest.fixture
+def config_on(raw_config, tmp_path):
+    def make(folder, **data):
+        raw = {**raw_config, "datasets": [{"path": str(folder)}], "data": {**raw_config["data"], **data}}
+        return validate_config(raw)
 
-    records = scan_datasets(config.datasets)[:3]
-    cached = cache_latents(config, records, torch.device("cpu"), show_progress=False)
+    return make
+
+
+def prepare(config):
+    return prepare_training_data(config, CPU, lambda: load_vae(config.model), show_progress=False)
+
+
+def paths_by_image(data) -> dict[str, str]:
+    return {item.record.image_path.name: item.upright.path for item in data.items}
+
+
+def test_a_second_run_encodes_nothing_and_a_touch_is_not_an_edit(dataset_copy, config_on):
+    config = config_on(dataset_copy)
+    first = prepare(config)
+    assert (first.latents.reused, first.latents.encoded) == (0, 12)
+    again = prepare(config)
+    assert (again.latents.reused, again.latents.encoded) == (12, 0)
+    image = dataset_copy / "03_yellow_circle.png"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # same bytes, newer time
+    assert prepare(config).latents.encoded == 0
+
+
+def test_editing_one_image_re_encodes_exactly_that_image(dataset_copy, config_on):
+    config = config_on(dataset_copy)
+    before = paths_by_image(prepare(config))
+    image = dataset_copy / "03_yellow_circle.png"
+    Image.open(image).convert("RGB").transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(image)
+    data = prepare(config)
+    after = paths_by_image(data)
+    assert data.latents.encoded == 1
+    assert [name for name in before if before[name] != after[name]] == ["03_yellow_circle.png"]
+
+
+def test_resolution_or_vae_changes_re_encode_everything(dataset_copy, config_on, tmp_path):
+    config = config_on(dataset_copy)
+    prepare(config)
+    assert prepare(config_on(dataset_copy, resolution=128)).latents.encoded == 12
+
+    other_vae = load_vae(config.model)
+    with torch.no_grad():
+        other_vae.encoder.conv_in.weight.mul_(1.01)
+    other_vae.save_pretrained(tmp_path / "other-vae")
+    raw = config.model_dump(mode="json")
+    raw["model"]["vae"] = str(tmp_path / "other-vae")
+    assert prepare(validate_config(raw)).latents.encoded == 12
+
+
+def test_the_same_images_elsewhere_reuse_the_cache(dataset_copy, config_on, tmp_path):
+    prepare(config_on(dataset_copy))
+    elsewhere = tmp_path / "10_renamed"
+    shutil.copytree(dataset_copy, elsewhere)
+    assert prepare(config_on(elsewhere)).latents.reused == 12  # keyed by content, not by path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte"])
+def test_a_damaged_cache_file_is_reported_and_encoded_again(dataset_copy, config_on, damage, caplog):
+    config = config_on(dataset_copy)
+    path = prepare(config).items[0].upright.path
+    # A copy: safetensors maps the file, and the damage below rewrites it in place.
+    content, latents = path.read_bytes(), prepare(config).items[0].upright.load().clone()
+    if damage == "truncate":
+        path.write_bytes(content[: len(content) // 2])
+    else:
+        path.write_bytes(content[:-5] + bytes([content[-5] ^ 0xFF]) + content[-4:])
+    data = prepare(config)
+    assert data.latents.repaired == [path] and data.latents.encoded == 1
+    assert f"damaged latent cache file {path}" in caplog.text
+    # Encoded again it is the same sample (seeded by its key), up to batch-size rounding in the VAE's kernels.
+    torch.testing.assert_close(data.items[0].upright.load(), latents, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_latents_equal_a_fresh_vae_encode(dataset_copy, config_on):
+    config = config_on(dataset_copy, resolution=64)
+    data = prepare(config)
     vae = load_vae(config.model)
-    for record, entry in zip(records, cached):
-        latents = entry.load()
-        assert latents.shape == (4, 8, 8) and latents.dtype == torch.float32
-        image, _ = resize_and_center_crop(load_rgb(record.image_path), (64, 64))
-        pixels = torch.from_numpy(__import__("numpy").asarray(image, dtype="float32") / 127.5 - 1).permute(2, 0, 1)
+    for item in data.items[:4]:
+        # The expected pixels, built here with PIL directly: resize to the plan's size, cut its window.
+        height, width = item.plan.resized
+        top, left = item.plan.crop_top_left
+        picture = Image.open(item.record.image_path).convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+        picture = picture.crop((left, top, left + item.plan.bucket[1], top + item.plan.bucket[0]))
+        pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
         with torch.no_grad():
-            distribution = vae.encode(pixels[None]).latent_dist
-        # A sample of the posterior: standardised, it looks like N(0, 1) noise.
-        z = (latents / vae.config.scaling_factor - distribution.mean[0]) / distribution.std[0]
-        assert z.abs().max() < 6 and 0.6 < z.std() < 1.4
+            distribution = vae.encode(pixels).latent_dist
+        latents = item.upright.load()
+        assert latents.shape == distribution.mean[0].shape and latents.dtype == torch.float32
+        # A posterior sample whose noise is seeded by the entry's key (its file name), so it can be redrawn here.
+        key = item.upright.path.stem
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(int(key[:15], 16)))
+        expected = (distribution.mean[0] + distribution.std[0] * noise) * vae.config.scaling_factor
+        torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_the_crop_reaches_time_ids(config):
-    records = scan_datasets(config.datasets)
-    cached = cache_latents(config, records, torch.device("cpu"), show_progress=False)
-    dataset = LatentDataset(records, cached)
-    by_name = {record.image_path.name: dataset[index] for index, (record, _) in enumerate(dataset.items)}
-    # 01_blue_square.png is 160x128 (w x h): resized to 80x64, cut 8 px from the left.
-    assert by_name["01_blue_square.png"]["time_ids"].tolist() == [128, 160, 0, 8, 64, 64]
-    assert by_name["02_green_triangle.png"]["time_ids"].tolist() == [192, 128, 16, 0, 64, 64]
-    assert by_name["01_blue_square.png"]["caption"] == "lts_shapes, a blue square, white background"
+def test_flip_aug_caches_both_orientations(dataset_copy, config_on, raw_config):
+    raw = {**raw_config, "datasets": [{"path": str(dataset_copy), "flip_aug": True}]}
+    data = prepare(validate_config(raw))
+    assert data.latents.encoded == 24
+    vae = load_vae(validate_config(raw).model)
+    item = data.items[1]
+    mirrored_pixels = apply_plan(load_rgb(item.record.image_path), item.plan, flip=True)
+    pixels = torch.from_numpy(np.asarray(mirrored_pixels, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        distribution = vae.encode(pixels).latent_dist
+    z = (item.mirrored.load() / vae.config.scaling_factor - distribution.mean[0]) / distribution.std[0]
+    assert z.abs().max() < 6 and 0.6 < z.std() < 1.4
+    assert item.mirrored.path != item.upright.path
 
 
-def test_repeats_multiply_the_epoch(config, raw_config):
-    raw_config["datasets"][0]["repeats"] = 3
-    config = validate_config(raw_config)
-    records = scan_datasets(config.datasets)
-    dataset = LatentDataset(records, cache_latents(config, records, torch.device("cpu"), show_progress=False))
-    assert len(dataset) == 36
+def test_nan_latents_are_refused_naming_the_image(dataset_copy, config_on, monkeypatch):
+    from lora_trainer.errors import UserError
+
+    config = config_on(dataset_copy)
+    vae = load_vae(config.model)
+    with torch.no_grad():
+        vae.quant_conv.bias.fill_(float("nan"))
+    with pytest.raises(UserError, match=r"00_red_circle\.png: the VAE produced NaN"):
+        prepare_training_data(config, CPU, lambda: vae, show_progress=False)
+    assert not list((config.cache_dir / "latents").glob("*/*.safetensors"))
 
 
-def test_cache_is_reused_and_an_edited_image_is_encoded_again(config, tmp_path, monkeypatch):
-    import shutil
-
-    data = tmp_path / "images"
-    shutil.copytree(REPO / "datasets_example", data)
-    config = config.model_copy(update={"datasets": [config.datasets[0].model_copy(update={"path": data})]})
-    records = scan_datasets(config.datasets)
-    first = cache_latents(config, records, torch.device("cpu"), show_progress=False)
-    encoded = []
+def test_cache_files_are_written_under_a_temporary_name(dataset_copy, config_on, monkeypatch):
     import lora_trainer.data.cache as cache_module
 
-    real = cache_module.encode_into_cache
-    monkeypatch.setattr(cache_module, "encode_into_cache", lambda record, *a: encoded.append(record.image_path.name) or real(record, *a))
-    assert [entry.path for entry in cache_latents(config, records, torch.device("cpu"), show_progress=False)] == [e.path for e in first]
-    assert encoded == []
-
-    edited = data / "03_yellow_circle.png"
-    Image.new("RGB", (64, 64), (0, 0, 0)).save(edited)
-    stat = edited.stat()
-    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    again = cache_latents(config, records, torch.device("cpu"), show_progress=False)
-    assert encoded == ["03_yellow_circle.png"]
-    assert again[3].path != first[3].path
-
-
-def test_a_damaged_cache_file_is_encoded_again(config):
-    records = scan_datasets(config.datasets)[:2]
-    first = cache_latents(config, records, torch.device("cpu"), show_progress=False)
-    first[0].path.write_bytes(b"truncated")
-    again = cache_latents(config, records, torch.device("cpu"), show_progress=False)
-    assert again[0].load().shape == (4, 8, 8)
-
-
-def test_nan_latents_are_refused_naming_the_image(config, tmp_path):
-    class NanVae(torch.nn.Module):
-        config = type("C", (), {"scaling_factor": 0.13025})()
-
-        def encode(self, pixels):
-            mean = torch.full((1, 4, 8, 8), float("nan"))
-            return type("Out", (), {"latent_dist": type("D", (), {"sample": lambda self, generator=None: mean})()})()
-
-    records = scan_datasets(config.datasets)[:1]
-    cache = LatentCache(tmp_path / "c", "nan-vae", 64)
-    with pytest.raises(UserError, match=f"{records[0].image_path}: the VAE produced NaN"):
-        fill_latent_cache(records, cache, lambda: NanVae(), torch.device("cpu"), show_progress=False)
-    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
-
-
-def test_captions_missing_files_warn_and_train_empty(tmp_path, raw_config, caplog):
-    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
-    (tmp_path / "b.txt").write_text("\n\n  first line  \nsecond line\n")
-    raw_config["datasets"][0]["path"] = str(tmp_path)
-    records = scan_datasets(validate_config(raw_config).datasets)
-    assert [record.caption for record in records] == ["", "first line"]
-    assert "1 of 2 images" in caplog.text and "a.png" in caplog.text
-
-
-def test_encode_into_cache_writes_atomically(config, tmp_path):
-    from lora_trainer.models import load_vae
-
-    records = scan_datasets(config.datasets)[:1]
-    cache = LatentCache(tmp_path / "c", "x", 64)
-    encode_into_cache(records[0], cache, load_vae(config.model), torch.device("cpu"))
-    assert [path.suffix for path in (tmp_path / "c").iterdir()] == [".safetensors"]
+    written = []
+    real = cache_module.write_bytes_atomic
+    monkeypatch.setattr(cache_module, "write_bytes_atomic", lambda path, data: written.append(path) or real(path, data))
+    data = prepare(config_on(dataset_copy))
+    assert sorted(written) == sorted(item.upright.path for item in data.items)
+    assert not list(data.items[0].upright.path.parent.parent.glob("*/*.tmp"))

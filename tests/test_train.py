@@ -111,18 +111,19 @@ def test_cache_latents_fills_the_cache_and_train_reuses_it(raw_config, tmp_path,
     path = write_yaml(tmp_path / "c.yaml", raw_config)
     code, out, err = run_cli(["cache-latents", path], capsys)
     assert code == 0, err
-    cache_files = sorted((tmp_path / "cache").glob("*.safetensors"))
-    assert len(cache_files) == 12 and out.strip() == f"12 images cached in {tmp_path / 'cache'}"
+    cache_files = sorted((tmp_path / "cache" / "latents").glob("*/*.safetensors"))
+    assert len(cache_files) == 12
+    assert "latents: 0 reused, 12 encoded" in out and f"cache: {tmp_path / 'cache'}" in out
 
-    import lora_trainer.models as models
+    import lora_trainer.data.cache as cache_module
 
-    def no_vae(*_args, **_kwargs):
-        raise AssertionError("the VAE was loaded although every latent was cached")
+    def no_encoding(*_args, **_kwargs):
+        raise AssertionError("an image was encoded although every latent was cached")
 
-    monkeypatch.setattr(models, "load_vae", no_vae)
+    monkeypatch.setattr(cache_module, "_encode_batch", no_encoding)
     code, out, err = run_cli(["train", path], capsys)
     assert code == 0, err
-    assert sorted((tmp_path / "cache").glob("*.safetensors")) == cache_files
+    assert sorted((tmp_path / "cache" / "latents").glob("*/*.safetensors")) == cache_files
 
 
 def test_an_exception_mid_epoch_leaves_no_half_written_file(raw_config, tmp_path, monkeypatch):
@@ -189,17 +190,20 @@ def test_a_non_finite_loss_stops_with_a_message_and_saves_the_last_good_step(raw
     assert not (tmp_path / "out" / "test_lora.safetensors").exists()
 
 
-def test_a_bad_image_names_the_file(raw_config, tmp_path, capsys):
+def test_a_bad_image_stops_the_run_before_training_when_asked(raw_config, tmp_path, capsys):
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(REPO / "datasets_example", data)
     (data / "broken.png").write_bytes(b"not a png")
     raw_config["datasets"][0]["path"] = str(data)
+    raw_config["data"]["on_bad_image"] = "error"
     code, _, err = run_cli(["train", write_yaml(tmp_path / "c.yaml", raw_config)], capsys)
     assert code == 1
-    assert err.strip().splitlines()[-1].startswith(f"error: {data / 'broken.png'}: cannot read this image")
-    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[-2].startswith(f"error: {data / 'broken.png'}: cannot read this image")
+    assert lines[-1] == "error: 1 bad data files; fix or remove them, or set data.on_bad_image: skip to train without them"
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def test_an_empty_folder_is_a_config_error(raw_config, tmp_path, capsys):
@@ -207,7 +211,10 @@ def test_an_empty_folder_is_a_config_error(raw_config, tmp_path, capsys):
     raw_config["datasets"][0]["path"] = str(tmp_path / "empty")
     code, _, err = run_cli(["train", write_yaml(tmp_path / "c.yaml", raw_config)], capsys)
     assert code == 2
-    assert err.strip() == f"error: datasets.0.path: no images (png, jpg, jpeg, webp) in {tmp_path / 'empty'}"
+    assert err.strip() == (
+        f"error: datasets.0.path: no images (png, jpg, jpeg, webp, bmp) in {tmp_path / 'empty'}, "
+        "nor in kohya-style subfolders like 10_name"
+    )
 
 
 def test_a_missing_tensorboard_is_an_error_not_a_silent_run(raw_config, tmp_path, capsys, monkeypatch):

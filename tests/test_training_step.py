@@ -67,11 +67,12 @@ def _reference_loss(text, unet, latents, noise, timesteps, batch_time_ids, predi
     noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
     target = noise if prediction_type == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
     prediction = unet(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs={"text_embeds": pooled, "time_ids": batch_time_ids}).sample
-    return ((prediction - target) ** 2).mean(dim=(1, 2, 3)).mean(), context, pooled
+    return ((prediction - target) ** 2).mean(dim=(1, 2, 3)), context, pooled
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_training_step_loss_matches_the_sdxl_formulas(parts, prediction_type):
+@pytest.mark.parametrize("loss_weights", [None, [1.0, 0.25]])
+def test_training_step_loss_matches_the_sdxl_formulas(parts, prediction_type, loss_weights):
     text, unet = parts
     scheduler = load_noise_scheduler(ModelConfig(pretrained="builtin:tiny-sdxl", prediction_type=prediction_type))
     generator = torch.Generator().manual_seed(1)
@@ -80,11 +81,16 @@ def test_training_step_loss_matches_the_sdxl_formulas(parts, prediction_type):
     timesteps = torch.tensor([17, 901])
     batch_time_ids = torch.stack([time_ids((96, 80), (8, 0), (64, 64)), time_ids((64, 128), (0, 32), (64, 64))])
     batch = {"latents": latents, "captions": CAPTIONS, "time_ids": batch_time_ids}
+    if loss_weights is not None:
+        batch["loss_weights"] = torch.tensor(loss_weights)
     encode = live_caption_encoder(text.tokenizer_1, text.tokenizer_2, text.text_encoder_1, text.text_encoder_2, torch.device("cpu"))
 
     with torch.no_grad():
         ours = training_step(unet, encode, scheduler, batch, noise, timesteps)
-        reference, context, pooled = _reference_loss(text, unet, latents, noise, timesteps, batch_time_ids, prediction_type)
+        per_sample, context, pooled = _reference_loss(text, unet, latents, noise, timesteps, batch_time_ids, prediction_type)
+        # Weighted as kohya weighs regularization images: each sample's loss times its weight, averaged.
+        weights = torch.tensor(loss_weights or [1.0, 1.0])
+        reference = (per_sample * weights).sum() / len(CAPTIONS)
         our_context, our_pooled = encode(CAPTIONS)
 
     # fp32 rounding only: the two paths run the same layers through different kernels.

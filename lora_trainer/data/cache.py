@@ -1,132 +1,235 @@
-"""The latent cache: each image is VAE-encoded once and kept on disk as a small safetensors file.
+"""The latent cache: each (image, bucket, crop, flip, VAE) is encoded once and kept as a small safetensors file.
 
-Everything about *which* file belongs to an image lives in `LatentCache.key`; the rest of the code
-only asks `lookup` and `store`.
+The file name is a hash of everything the latents depend on: the image's bytes, how it is cut (its
+`CropPlan` and flip), the background transparency is flattened onto, and the VAE's weights and scaling.
+Editing an image, changing the resolution or swapping the VAE therefore never reuses a wrong latent,
+while unchanged images are never encoded twice, whichever config or run asks. Each file also carries
+a checksum of its tensor, so a damaged file is found, reported and encoded again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from lora_trainer.config import Config, ModelConfig
-from lora_trainer.data.images import CropInfo, load_rgb, resize_and_center_crop, to_model_input
-from lora_trainer.data.records import ImageRecord
+from lora_trainer.data.buckets import CropPlan
+from lora_trainer.data.fingerprint import file_digest, module_fingerprint, tensor_digest, text_digest
+from lora_trainer.data.images import UnreadableImage, apply_plan, load_rgb, to_model_input
+from lora_trainer.data.records import BadFile, ImageRecord
 from lora_trainer.errors import UserError
 from lora_trainer.files import write_bytes_atomic
 from lora_trainer.progress import progress_bar
 
-CACHE_FORMAT = 1
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 2
+ENCODE_DTYPE = torch.float32  # SDXL's VAE overflows in fp16; latents are always encoded and kept in fp32
+
+
+@dataclass(frozen=True)
+class LatentRequest:
+    """One picture to encode: an image, cut as planned, mirrored or not."""
+
+    record: ImageRecord
+    plan: CropPlan
+    flip: bool
 
 
 @dataclass(frozen=True)
 class CachedLatent:
-    """One image's cached latents (on disk) and the crop SDXL is conditioned on."""
-
     path: Path
-    crop: CropInfo
 
     def load(self) -> torch.Tensor:
         return load_file(self.path)["latents"]
 
 
-class LatentCache:
-    def __init__(self, folder: Path, encoder_identity: str, resolution: int):
-        self.folder = folder
-        self.encoder_identity = encoder_identity
-        self.resolution = resolution
+@dataclass
+class CacheOutcome:
+    """What filling the cache did: the entries found or made, and what it reused, encoded, repaired, skipped."""
 
-    def key(self, record: ImageRecord) -> str:
-        # The file's size and modification time stand in for its content until content hashing lands.
-        status = record.image_path.stat()
+    entries: dict[LatentRequest, CachedLatent] = field(default_factory=dict)
+    reused: int = 0
+    encoded: int = 0
+    repaired: list[Path] = field(default_factory=list)
+    bad: list[BadFile] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.reused} reused", f"{self.encoded} encoded"]
+        if self.repaired:
+            parts.append(f"{len(self.repaired)} damaged cache files encoded again")
+        if self.bad:
+            parts.append(f"{len(self.bad)} unreadable images skipped")
+        return "latents: " + ", ".join(parts)
+
+
+class LatentCache:
+    def __init__(self, folder: Path, vae_fingerprint: str, background: tuple[int, int, int]):
+        self.folder = folder
+        self.vae_fingerprint = vae_fingerprint
+        self.background = tuple(background)
+
+    def key(self, request: LatentRequest, image_digest: str) -> str:
         identity = {
             "format": CACHE_FORMAT,
-            "image": str(record.image_path),
-            "size": status.st_size,
-            "mtime_ns": status.st_mtime_ns,
-            "resolution": self.resolution,
-            "encoder": self.encoder_identity,
+            "image_sha256": image_digest,
+            "plan": asdict(request.plan),
+            "flip": request.flip,
+            "background": self.background,
+            "vae": self.vae_fingerprint,
+            "dtype": str(ENCODE_DTYPE),
         }
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        return text_digest(json.dumps(identity, sort_keys=True))
 
-    def path(self, record: ImageRecord) -> Path:
-        return self.folder / f"{self.key(record)}.safetensors"
+    def path(self, key: str) -> Path:
+        # Two levels of folders keep directory listings short for datasets of many thousand images.
+        return self.folder / key[:2] / f"{key}.safetensors"
 
-    def lookup(self, record: ImageRecord) -> CachedLatent | None:
-        path = self.path(record)
-        try:
-            with safe_open(path, framework="pt") as handle:
-                metadata = handle.metadata()
-            crop = {name: tuple(value) for name, value in json.loads(metadata["crop"]).items()}
-            return CachedLatent(path, CropInfo(**crop))
-        except (OSError, SafetensorError, KeyError, ValueError, TypeError):
-            return None  # absent or unreadable: encode again
+    def lookup(self, key: str) -> CachedLatent | None:
+        """The valid entry for `key`; None if there is none. A damaged file raises DamagedEntry."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        if not _is_intact(path):
+            raise DamagedEntry(path)
+        return CachedLatent(path)
 
-    def store(self, record: ImageRecord, latents: torch.Tensor, crop: CropInfo) -> CachedLatent:
-        path = self.path(record)
-        metadata = {"image": str(record.image_path), "crop": json.dumps(asdict(crop))}
-        write_bytes_atomic(path, save({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, metadata))
-        return CachedLatent(path, crop)
+    def store(self, key: str, request: LatentRequest, latents: torch.Tensor) -> CachedLatent:
+        latents = latents.detach().to("cpu", ENCODE_DTYPE).contiguous()
+        metadata = {
+            "format": str(CACHE_FORMAT),
+            "image": str(request.record.image_path),
+            "plan": json.dumps(asdict(request.plan)),
+            "flip": str(request.flip),
+            "sha256": tensor_digest(latents),
+        }
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, save({"latents": latents}, metadata))
+        return CachedLatent(path)
 
 
-def cache_latents(config: Config, records: Sequence[ImageRecord], device: torch.device, show_progress: bool = True) -> list[CachedLatent]:
-    """Cached latents for `records` under the config's cache folder, encoding what is missing."""
-    from lora_trainer.models import load_vae
-
-    cache = LatentCache(config.cache_dir, vae_identity(config.model), config.data.resolution)
-    return fill_latent_cache(records, cache, lambda: load_vae(config.model), device, show_progress)
+class DamagedEntry(Exception):
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
 
 
-def vae_identity(model: ModelConfig) -> str:
-    """Names the VAE that made a latent, so another VAE never reuses it."""
-    if model.vae:
-        return f"vae={model.vae}"
-    reference = model.pretrained
-    if reference == "builtin:tiny-sdxl":
-        from lora_trainer.builtin import TINY_SDXL_VERSION
+def _is_intact(path: Path) -> bool:
+    """Whether the file is a whole safetensors file whose tensor still matches the checksum written with it."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            expected = handle.metadata()["sha256"]
+            latents = handle.get_tensor("latents")
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError, RuntimeError):
+        return False
+    return tensor_digest(latents) == expected
 
-        reference += f"-v{TINY_SDXL_VERSION}"
-    return f"model={reference};variant={model.variant}"
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """Names the VAE by its weights and the scaling applied to its latents."""
+    scaling = {"scaling_factor": vae.config.scaling_factor, "shift_factor": getattr(vae.config, "shift_factor", None)}
+    return module_fingerprint(vae, scaling)
 
 
 def fill_latent_cache(
-    records: Sequence[ImageRecord],
+    requests: Sequence[LatentRequest],
     cache: LatentCache,
-    load_vae: Callable[[], torch.nn.Module],
+    vae: torch.nn.Module,
     device: torch.device,
+    batch_size: int = 4,
     show_progress: bool = True,
-) -> list[CachedLatent]:
-    """Cached latents for every record, encoding (and loading the VAE) only for images not cached yet."""
-    found = [cache.lookup(record) for record in records]
-    missing = [index for index, entry in enumerate(found) if entry is None]
-    if not missing:
-        return [entry for entry in found if entry is not None]
-    vae = load_vae().to(device, torch.float32)  # SDXL's VAE overflows in fp16
+) -> CacheOutcome:
+    """Find every request in the cache, encoding (in batches of one bucket size) only what is missing."""
+    outcome = CacheOutcome()
+    missing: dict[tuple[int, int], list[tuple[LatentRequest, str]]] = defaultdict(list)
+    digests: dict[Path, str] = {}
+    for request in progress_bar(requests, desc="checking latent cache", unit="img", disable=not show_progress, leave=False):
+        digest = _image_digest(request.record.image_path, digests, outcome)
+        if digest is None:
+            continue
+        key = cache.key(request, digest)
+        try:
+            entry = cache.lookup(key)
+        except DamagedEntry as damaged:
+            outcome.repaired.append(damaged.path)
+            entry = None
+        if entry is None:
+            missing[request.plan.bucket].append((request, key))
+        else:
+            outcome.entries[request] = entry
+            outcome.reused += 1
+    for path in outcome.repaired:
+        log.warning("damaged latent cache file %s: encoding its image again", path)
+    total = sum(len(group) for group in missing.values())
+    if total:
+        _encode_missing(missing, cache, vae, device, batch_size, outcome, total, show_progress)
+    return outcome
+
+
+def _image_digest(path: Path, digests: dict[Path, str], outcome: CacheOutcome) -> str | None:
+    if path not in digests:
+        try:
+            digests[path] = file_digest(path)
+        except OSError as error:
+            outcome.bad.append(BadFile(path, f"cannot read this file ({error.strerror or error})"))
+            digests[path] = ""
+    return digests[path] or None
+
+
+def _encode_missing(missing, cache, vae, device, batch_size, outcome, total, show_progress) -> None:
+    unreadable: set[Path] = {bad.path for bad in outcome.bad}
+    vae = vae.to(device, ENCODE_DTYPE)
     try:
-        for index in progress_bar(missing, desc="caching latents", unit="img", disable=not show_progress):
-            found[index] = encode_into_cache(records[index], cache, vae, device)
+        with progress_bar(total=total, desc="caching latents", unit="img", disable=not show_progress) as bar:
+            for group in missing.values():
+                for start in range(0, len(group), batch_size):
+                    chunk = group[start : start + batch_size]
+                    pictures = _load_pictures(chunk, cache.background, unreadable, outcome)
+                    if pictures:
+                        _encode_batch(pictures, cache, vae, device, outcome)
+                    bar.update(len(chunk))
     finally:
         vae.to("cpu")
-    return [entry for entry in found if entry is not None]
+
+
+def _load_pictures(chunk, background, unreadable: set[Path], outcome: CacheOutcome) -> list[tuple[LatentRequest, str, torch.Tensor]]:
+    pictures = []
+    for request, key in chunk:
+        path = request.record.image_path
+        if path in unreadable:
+            continue
+        try:
+            image = load_rgb(path, background)
+        except UnreadableImage as error:
+            unreadable.add(path)
+            outcome.bad.append(BadFile(path, str(error)))
+            continue
+        pictures.append((request, key, to_model_input(apply_plan(image, request.plan, request.flip))))
+    return pictures
 
 
 @torch.no_grad()
-def encode_into_cache(record: ImageRecord, cache: LatentCache, vae: torch.nn.Module, device: torch.device) -> CachedLatent:
-    image, crop = resize_and_center_crop(load_rgb(record.image_path), (cache.resolution, cache.resolution))
-    pixels = to_model_input(image).unsqueeze(0).to(device, torch.float32)
-    # Seeded by the cache key, so the sampled latents do not depend on the order images are cached in.
-    generator = torch.Generator(device=device).manual_seed(int(cache.key(record)[:15], 16))
-    latents = vae.encode(pixels).latent_dist.sample(generator=generator) * vae.config.scaling_factor
-    if not torch.isfinite(latents).all():
-        raise UserError(
-            f"{record.image_path}: the VAE produced NaN/inf latents; set model.vae to an fp32-safe VAE "
-            "(e.g. madebyollin/sdxl-vae-fp16-fix) or check the image"
-        )
-    return cache.store(record, latents[0], crop)
+def _encode_batch(pictures, cache: LatentCache, vae: torch.nn.Module, device: torch.device, outcome: CacheOutcome) -> None:
+    pixels = torch.stack([picture for _, _, picture in pictures]).to(device, ENCODE_DTYPE)
+    distribution = vae.encode(pixels).latent_dist
+    for index, (request, key, _) in enumerate(pictures):
+        # Noise seeded by the cache key: a latent does not depend on which images shared its batch.
+        generator = torch.Generator(device="cpu").manual_seed(int(key[:15], 16))
+        noise = torch.randn(distribution.mean[index].shape, generator=generator).to(device)
+        sample = distribution.mean[index] + distribution.std[index] * noise
+        latents = (sample - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+        if not torch.isfinite(latents).all():
+            raise UserError(
+                f"{request.record.image_path}: the VAE produced NaN/inf latents; set model.vae to an fp32-safe VAE "
+                "(e.g. madebyollin/sdxl-vae-fp16-fix) or check the image"
+            )
+        outcome.entries[request] = cache.store(key, request, latents)
+        outcome.encoded += 1
