@@ -17,6 +17,7 @@ import torch
 
 from lora_trainer.conditioning import CaptionEncoder, live_caption_encoder
 from lora_trainer.config import Config, NetworkConfig, dump_config
+from lora_trainer.data.cache import scale_latents
 from lora_trainer.data.pipeline import TrainingData, bucket_table, prepare_training_data
 from lora_trainer.data.text_cache import cache_caption_embeddings, cached_caption_encoder
 from lora_trainer.errors import UserError
@@ -222,9 +223,7 @@ def fit(run: Run) -> None:
 def _latents_of(batch: dict[str, Any], vae: torch.nn.Module | None) -> torch.Tensor:
     if "latents" in batch:
         return batch["latents"]
-    distribution = vae.encode(batch["pixels"].to(vae.device, torch.float32)).latent_dist
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (distribution.sample() - shift) * vae.config.scaling_factor
+    return scale_latents(vae, vae.encode(batch["pixels"].to(vae.device, torch.float32)).latent_dist.sample())
 
 
 def finalize(run: Run) -> Path:

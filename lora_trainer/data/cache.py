@@ -139,6 +139,11 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return module_fingerprint(vae, scaling)
 
 
+def scale_latents(vae: torch.nn.Module, sample: torch.Tensor) -> torch.Tensor:
+    """A VAE posterior sample in the units the UNet was trained on."""
+    return (sample - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+
+
 def fill_latent_cache(
     requests: Sequence[LatentRequest],
     cache: LatentCache,
@@ -224,8 +229,7 @@ def _encode_batch(pictures, cache: LatentCache, vae: torch.nn.Module, device: to
         # Noise seeded by the cache key: a latent does not depend on which images shared its batch.
         generator = torch.Generator(device="cpu").manual_seed(int(key[:15], 16))
         noise = torch.randn(distribution.mean[index].shape, generator=generator).to(device)
-        sample = distribution.mean[index] + distribution.std[index] * noise
-        latents = (sample - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+        latents = scale_latents(vae, distribution.mean[index] + distribution.std[index] * noise)
         if not torch.isfinite(latents).all():
             raise UserError(
                 f"{request.record.image_path}: the VAE produced NaN/inf latents; set model.vae to an fp32-safe VAE "
