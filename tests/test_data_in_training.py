@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -64,17 +65,19 @@ def make_shapes(folder: Path, sizes: dict[str, tuple[int, int]]) -> None:
 
 
 def test_mixed_aspect_ratios_train_in_their_own_buckets(raw_config, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lora_trainer")
     make_shapes(tmp_path / "data", {"wide1": (192, 64), "wide2": (180, 60), "square1": (64, 64), "square2": (70, 70), "tall": (64, 192)})
     raw_config["datasets"][0]["path"] = str(tmp_path / "data")
     raw_config["data"].update(resolution=64, bucket_step=32)
     raw_config["training"].update(max_steps=None, epochs=2, batch_size=2)
-    seen_shapes = []
+    seen_shapes, originals = [], set()
     import lora_trainer.step as step_module
 
     real = step_module.training_step
 
     def spy(unet, encode, scheduler, batch, noise, timesteps):
         seen_shapes.append((tuple(batch["latents"].shape), batch["time_ids"][:, 4:].tolist()))
+        originals.update(tuple(row) for row in batch["time_ids"][:, :2].int().tolist())
         return real(unet, encode, scheduler, batch, noise, timesteps)
 
     import lora_trainer.train as train_module
@@ -89,6 +92,7 @@ def test_mixed_aspect_ratios_train_in_their_own_buckets(raw_config, tmp_path, ca
     assert shapes == {(4, 12), (8, 8), (12, 4)}
     for shape, targets in seen_shapes:
         assert all(target == [shape[2] * 8, shape[3] * 8] for target in targets)  # time_ids carry the bucket size
+    assert originals == {(64, 192), (60, 180), (64, 64), (70, 70), (192, 64)}  # each image's own (height, width)
     assert "aspect-ratio buckets" in caplog.text and "96 x 32" in caplog.text
     metadata = read_lora_file(path).metadata
     info = json.loads(metadata["ss_bucket_info"])
@@ -125,6 +129,7 @@ def frozen_text_config(raw_config: dict) -> dict:
 
 
 def test_frozen_text_encoders_read_embeddings_from_the_disk_cache(raw_config, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lora_trainer")
     from lora_trainer.conditioning import live_caption_encoder
     from lora_trainer.config import ModelConfig
     from lora_trainer.models import load_text_encoders

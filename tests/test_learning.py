@@ -30,7 +30,7 @@ def fixed_noise_loss(run, draws: int = 4) -> float:
     for model in run.trained.values():
         model.eval()
     dataset = run.dataloader.dataset
-    examples = [dataset[index] for index in range(len(dataset))]
+    examples = [dataset[(index, 0)] for index in range(len(dataset))]  # epoch 0: never a training epoch
     generator = torch.Generator().manual_seed(1234)
     losses = []
     for _ in range(draws):
