@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from lora_trainer.errors import ConfigError, UserError
+from lora_trainer.errors import UserError
 
 app = typer.Typer(
     name="lora-train",
@@ -65,42 +65,46 @@ def cache_latents(config: ConfigPath, overrides: Overrides = None) -> None:
 
 @app.command()
 def sample(
-    model: Annotated[str, typer.Option(help="Base model: diffusers folder, hub id, or builtin:tiny-sdxl.", show_default=False)],
-    prompt: Annotated[list[str], typer.Option(help="A prompt; repeat for several images.", show_default=False)],
-    lora: Annotated[Path | None, typer.Option(help="LoRA .safetensors to apply (kohya format).")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model: diffusers folder, hub id, or builtin:tiny-sdxl.", show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option(help="Take the model options (and LoRA) from this training config.", show_default=False)] = None,
+    lora: Annotated[list[str] | None, typer.Option(help="A LoRA .safetensors, optionally with a weight: --lora my.safetensors:0.8. Repeatable.", show_default=False)] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt, optionally with kohya's inline options (--n --w --h --d --l --s --ss). Repeatable.", show_default=False)] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="A file of prompts, one per line, with the same inline options.", show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="Folder for the PNG files.")] = Path("samples"),
-    negative_prompt: Annotated[str, typer.Option(help="Negative prompt for every image.")] = "",
-    seed: Annotated[int, typer.Option(help="Seed; every prompt uses it, so files compare across LoRAs.")] = 0,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt for prompts without --n.")] = "",
+    seed: Annotated[int, typer.Option(help="Seed of prompts without --d; image i of a prompt uses seed + i.")] = 0,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 30,
     cfg: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 7.0,
+    sampler: Annotated[str, typer.Option(help="euler, euler_a, dpm++_2m, dpm++_2m_karras or ddim.")] = "euler",
     width: Annotated[int | None, typer.Option(min=64, help="Width in pixels; default: the model's native size.")] = None,
     height: Annotated[int | None, typer.Option(min=64, help="Height in pixels; default: the model's native size.")] = None,
-    lora_scale: Annotated[float, typer.Option(help="Strength of the LoRA (1 = as trained).")] = 1.0,
+    images: Annotated[int, typer.Option(min=1, help="Images per prompt.")] = 1,
+    compare: Annotated[bool, typer.Option(help="Also draw each image without the LoRAs, with the same seed, side by side.")] = False,
     vae: Annotated[str | None, typer.Option(help="A separate VAE (folder or hub id).")] = None,
     prediction_type: Annotated[str, typer.Option(help="epsilon or v_prediction.")] = "epsilon",
 ) -> None:
-    """Generate one PNG per prompt with a base model plus a LoRA."""
-    from pydantic import ValidationError
+    """Draw images with a base model plus LoRAs; each PNG carries its parameters as A1111 writes them."""
+    from lora_trainer.sample_cli import SampleOptions, run_sample
 
-    from lora_trainer.config import ModelConfig
-    from lora_trainer.config_errors import format_validation_error
-
-    for name, size in (("--width", width), ("--height", height)):
-        if size is not None and size % 8:
-            raise ConfigError(f"{name}: must be a multiple of 8, got {size}")
-    if lora is not None and not lora.is_file():
-        raise ConfigError(f"--lora: file not found: {lora}")
-    try:
-        model_config = ModelConfig(pretrained=model, vae=vae, prediction_type=prediction_type)
-    except ValidationError as error:
-        options = {"pretrained": "--model", "vae": "--vae", "prediction_type": "--prediction-type"}
-        raise ConfigError(format_validation_error(error, ModelConfig, "sample", options)) from None
-
-    from lora_trainer.sample import SampleSettings, sample_images
-
-    settings = SampleSettings(prompt, negative_prompt, seed, steps, cfg, width, height)
-    for path in sample_images(model_config, lora, settings, out, lora_scale):
+    options = SampleOptions(
+        model=model, config=config, loras=lora or [], prompts=prompt or [], prompts_file=prompts_file, out=out,
+        negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, sampler=sampler, width=width,
+        height=height, images=images, compare=compare, vae=vae, prediction_type=prediction_type,
+    )
+    for path in run_sample(options):
         typer.echo(str(path))
+
+
+@app.command()
+def report(
+    output_dir: Annotated[Path, typer.Argument(metavar="OUTPUT_DIR", help="The output folder of a training run.", show_default=False)],
+    name: Annotated[str | None, typer.Option(help="The run's output.name, if the folder holds several runs.", show_default=False)] = None,
+) -> None:
+    """Write the run report (report.html with the loss curves and the sample grid) for a finished or running run."""
+    from lora_trainer.history import find_run_name
+    from lora_trainer.report import write_report
+
+    typer.echo(str(write_report(output_dir, name or find_run_name(output_dir))))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -103,8 +103,35 @@ def read_lora_file(path: Path) -> LoraFile:
 
 def load_lora_into(models: Mapping[str, torch.nn.Module], lora: LoraFile, scale: float = 1.0, source: str = "") -> dict[str, int]:
     """Attach the file's adapters to the UNet / text encoders in `models` (by part); return modules per part."""
-    remaining = dict(lora.weights)
     counts = {}
+    for part, weights in weights_by_module(models, lora, source).items():
+        attach_lora_weights(models[part], weights, scale)
+        counts[part] = len(weights)
+    return counts
+
+
+@torch.no_grad()
+def merge_lora_into(models: Mapping[str, torch.nn.Module], lora: LoraFile, weight: float = 1.0, source: str = "") -> None:
+    """Add the file's change, times `weight`, into the base weights: W += weight * alpha / rank * up @ down.
+
+    Merged LoRAs stack (several files, each with its own weight) and cost nothing per step; weight 0
+    leaves every weight exactly as it was.
+    """
+    for part, weights in weights_by_module(models, lora, source).items():
+        modules = dict(models[part].named_modules())
+        for module_path, module_weights in weights.items():
+            base = modules[module_path].weight
+            delta = module_weights.up.flatten(1) @ module_weights.down.flatten(1)
+            scale = weight * module_weights.alpha / module_weights.rank
+            base += (scale * delta).reshape(base.shape).to(base.device, base.dtype)
+
+
+def weights_by_module(
+    models: Mapping[str, torch.nn.Module], lora: LoraFile, source: str
+) -> dict[str, dict[str, LoraWeights]]:
+    """The file's weights per part, keyed by module path; an error if a module is not in the models."""
+    remaining = dict(lora.weights)
+    grouped = {}
     for part, model in models.items():
         by_kohya_name = _kohya_names(part, model)
         prefix = PART_PREFIXES[part]
@@ -113,11 +140,10 @@ def load_lora_into(models: Mapping[str, torch.nn.Module], lora: LoraFile, scale:
             if name not in by_kohya_name:
                 raise UserError(f"{source}: module {name} does not exist in this model; is it an SDXL LoRA for this base?")
             weights[by_kohya_name[name]] = remaining.pop(name)
-        attach_lora_weights(model, weights, scale)
-        counts[part] = len(weights)
+        grouped[part] = weights
     if remaining:
         raise UserError(f"{source}: {len(remaining)} modules fit none of the loaded models, e.g. {next(iter(remaining))}")
-    return counts
+    return grouped
 
 
 def _kohya_names(part: str, model: torch.nn.Module) -> dict[str, str]:

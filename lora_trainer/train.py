@@ -21,17 +21,22 @@ from lora_trainer.data.cache import scale_latents
 from lora_trainer.data.pipeline import TrainingData, bucket_table, prepare_training_data
 from lora_trainer.data.text_cache import cache_caption_embeddings, cached_caption_encoder
 from lora_trainer.errors import UserError
+from lora_trainer.evaluation import evaluate_epoch, sample_by_step
+from lora_trainer.history import RunHistory, history_path
 from lora_trainer.files import write_text_atomic
 from lora_trainer.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers, lora_parameters, read_lora_weights
 from lora_trainer.lora_io import SAVE_DTYPES, save_lora_file, to_kohya_tensors
 from lora_trainer.metadata import Progress, lora_metadata
-from lora_trainer.models import load_noise_scheduler, load_text_encoders, load_unet, load_vae
+from lora_trainer.models import TextEncoders, load_noise_scheduler, load_text_encoders, load_unet, load_vae
 from lora_trainer.objective import draw_noise_and_timesteps
 from lora_trainer.optim import make_lr_scheduler, make_optimizer
 from lora_trainer.plots import write_loss_curve
 from lora_trainer.precision import resolve_mixed_precision, weight_dtype
 from lora_trainer.progress import progress_bar
+from lora_trainer.report import write_report
 from lora_trainer.step import training_step
+from lora_trainer.training_samples import TrainingSampler
+from lora_trainer.validation import ValidationSet, prepare_validation
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +63,14 @@ class Run:
     dataloader: Any
     total_steps: int
     epochs: int
+    text: TextEncoders  # the unwrapped text encoders and tokenizers, for sampling and validation
+    evaluation_encoder: CaptionEncoder  # captions -> embeddings through unwrapped (or cached) encoders
+    history: RunHistory
     vae: torch.nn.Module | None = None  # set when images are encoded every step instead of cached
+    validation: ValidationSet | None = None
+    sampler: TrainingSampler | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     step: int = 0
-    losses: list[float] = field(default_factory=list)
 
 
 def train(config: Config) -> Path:
@@ -91,6 +100,7 @@ def setup(config: Config) -> Run:
     show_progress = accelerator.is_local_main_process
     with accelerator.main_process_first():
         data = prepare_training_data(config, device, lambda: load_vae(config.model), show_progress)
+        validation = prepare_validation(config, data, device, show_progress)
     if accelerator.is_main_process:
         log.info("aspect-ratio buckets:\n%s", bucket_table(data.items, config.training.seed))
 
@@ -116,11 +126,13 @@ def setup(config: Config) -> Run:
     total_steps = config.training.max_steps or config.training.epochs * steps_per_epoch
     lr_scheduler = accelerator.prepare(make_lr_scheduler(optimizer, config.training, total_steps, accelerator.num_processes))
     encode_captions = live_caption_encoder(text.tokenizer_1, text.tokenizer_2, parts["text_encoder_1"], parts["text_encoder_2"], device)
+    evaluation_encoder = live_caption_encoder(text.tokenizer_1, text.tokenizer_2, text.text_encoder_1, text.text_encoder_2, device)
     if config.caches_text_embeddings:
+        extra = validation.captions if validation is not None else ()
         with accelerator.main_process_first():
-            cache, reused, encoded = cache_caption_embeddings(config, data.records, text, device, dtype, show_progress)
+            cache, reused, encoded = cache_caption_embeddings(config, data.records, text, device, dtype, show_progress, extra)
         log.info("text embeddings: %d reused, %d encoded", reused, encoded)
-        encode_captions = cached_caption_encoder(cache, device, dtype)
+        encode_captions = evaluation_encoder = cached_caption_encoder(cache, device, dtype)
         # Their outputs now come from disk: the encoders can leave the GPU.
         text.text_encoder_1.to("cpu")
         text.text_encoder_2.to("cpu")
@@ -140,8 +152,19 @@ def setup(config: Config) -> Run:
         dataloader=dataloader,
         total_steps=total_steps,
         epochs=math.ceil(total_steps / steps_per_epoch),
+        text=text,
+        evaluation_encoder=evaluation_encoder,
+        history=RunHistory(config.output.name, steps_per_epoch),
         vae=None if config.data.cache_latents else _frozen_vae(config, device),
+        validation=validation,
+        sampler=_make_sampler(config, accelerator, parts["unet"], text),
     )
+
+
+def _make_sampler(config: Config, accelerator: Any, unet: torch.nn.Module, text: TextEncoders) -> TrainingSampler | None:
+    if not config.sample.enabled or not accelerator.is_main_process:
+        return None
+    return TrainingSampler(config, accelerator.unwrap_model(unet), text, accelerator.device, accelerator.autocast)
 
 
 def _frozen_vae(config: Config, device: torch.device) -> torch.nn.Module:
@@ -185,6 +208,8 @@ def fit(run: Run) -> None:
     accelerator, config = run.accelerator, run.config
     trainable = [parameter for model in run.trained.values() for parameter in trainable_parameters(model)]
     window: list[float] = []
+    if run.step == 0:
+        evaluate_epoch(run, epoch=0, last=False)  # the baseline: before any step
     with progress_bar(total=run.total_steps, desc="training", unit="step", disable=not accelerator.is_local_main_process) as bar:
         for epoch in range(1, run.epochs + 1):
             for model in run.trained.values():
@@ -210,12 +235,15 @@ def fit(run: Run) -> None:
                     run.step += 1
                     _report(run, bar, epoch, sum(window) / len(window))
                     window.clear()
+                    sample_by_step(run, epoch)
                     if run.step >= run.total_steps:
                         break
+            last = run.step >= run.total_steps or epoch == run.epochs
             every = config.output.save_every_n_epochs
-            if every and epoch % every == 0 and run.step < run.total_steps:
+            if every and epoch % every == 0 and not last:
                 save_lora(run, f"{config.output.name}-{epoch:06d}", epoch)
-            if run.step >= run.total_steps:
+            evaluate_epoch(run, epoch, last)
+            if last:
                 break
 
 
@@ -227,7 +255,13 @@ def _latents_of(batch: dict[str, Any], vae: torch.nn.Module | None) -> torch.Ten
 
 
 def finalize(run: Run) -> Path:
-    return save_lora(run, run.config.output.name, run.epochs)
+    """Save the final LoRA and write the run report beside it."""
+    path = save_lora(run, run.config.output.name, run.epochs)
+    if run.accelerator.is_main_process:
+        run.history.save(history_path(run.config.output.dir, run.config.output.name))
+        report = write_report(run.config.output.dir, run.config.output.name)
+        log.info("report: %s", report)
+    return path
 
 
 def save_lora(run: Run, name: str, epoch: int) -> Path:
@@ -240,8 +274,9 @@ def save_lora(run: Run, name: str, epoch: int) -> Path:
         tensors = to_kohya_tensors(weights, SAVE_DTYPES[config.output.save_dtype])
         metadata = lora_metadata(config, run.data, Progress(steps=run.step, epoch=epoch, started_at=run.started_at))
         save_lora_file(path, tensors, metadata)
+        run.history.epoch_record(epoch, run.step).lora_file = path.name
         write_text_atomic(config.output.dir / f"{config.output.name}.yaml", dump_config(config))
-        write_loss_curve(config.output.dir / f"{config.output.name}-loss.png", run.losses, f"{config.output.name}: training loss")
+        write_loss_curve(config.output.dir / f"{config.output.name}-loss.png", run.history.train_losses, f"{config.output.name}: training loss")
         log.info("saved %s", path)
     return path
 
@@ -252,7 +287,7 @@ def _unwrapped(run: Run) -> dict[str, torch.nn.Module]:
 
 def _report(run: Run, bar: Any, epoch: int, loss: float) -> None:
     learning_rates = run.lr_scheduler.get_last_lr()
-    run.losses.append(loss)
+    run.history.train_losses.append(loss)
     scalars = {"loss": loss, "epoch": epoch}
     for group, learning_rate in zip(run.optimizer.param_groups, learning_rates):
         scalars[f"lr/{group['name']}"] = learning_rate

@@ -159,13 +159,17 @@ def test_4_fused_weights_and_outputs_equal_the_trained_adapters(trained, pipelin
 
 
 def test_5_our_loader_reproduces_the_trained_adapters(trained):
-    """`sample` loads our file through the reverse mapping; the models it builds match the trained ones."""
-    from lora_trainer.sample import build_pipeline
+    """`sample` merges our file into the base weights through the reverse mapping; the result matches training."""
+    from lora_trainer.lora_io import merge_lora_into
+    from lora_trainer.models import load_text_encoders, load_unet
 
     path, models = trained
-    pipeline = build_pipeline(ModelConfig(pretrained="builtin:tiny-sdxl"), path)
+    model = ModelConfig(pretrained="builtin:tiny-sdxl")
+    unet, text = load_unet(model), load_text_encoders(model)
+    parts = {"unet": unet, "text_encoder_1": text.text_encoder_1, "text_encoder_2": text.text_encoder_2}
+    merge_lora_into(parts, read_lora_file(path), weight=1.0, source=str(path))
     inputs = _probe_inputs()
-    ours = _outputs(pipeline.unet, pipeline.text_encoder, pipeline.text_encoder_2, inputs)
+    ours = _outputs(unet, text.text_encoder_1, text.text_encoder_2, inputs)
     trained_outputs = _outputs(models["unet"], models["text_encoder_1"], models["text_encoder_2"], inputs)
     for name in trained_outputs:
         torch.testing.assert_close(ours[name], trained_outputs[name], rtol=1e-5, atol=1e-6)

@@ -48,7 +48,7 @@ def prepare_training_data(
         stop_on_bad_files(bad)
     outcome = None
     if config.data.cache_latents:
-        items, outcome = _with_cached_latents(planned, config, device, load_vae(), show_progress)
+        items, outcome = with_cached_latents(planned, config, device, load_vae(), show_progress)
         bad += outcome.bad
     else:
         items, unreadable = _with_checked_images(planned, config, show_progress)
@@ -84,7 +84,7 @@ def stop_on_bad_files(bad: Sequence[BadFile]) -> None:
         raise UserError("\n".join(lines))
 
 
-def _with_cached_latents(
+def with_cached_latents(
     planned, config: Config, device: torch.device, vae: torch.nn.Module, show_progress: bool
 ) -> tuple[list[TrainingItem], CacheOutcome]:
     cache = LatentCache(config.cache_dir / "latents", vae_fingerprint(vae), config.data.alpha_background)

@@ -110,12 +110,19 @@ def training_captions(config: Config, records: Sequence[ImageRecord]) -> list[st
 
 
 def cache_caption_embeddings(
-    config: Config, records: Sequence[ImageRecord], text, device: torch.device, dtype: torch.dtype, show_progress: bool = True
+    config: Config,
+    records: Sequence[ImageRecord],
+    text,
+    device: torch.device,
+    dtype: torch.dtype,
+    show_progress: bool = True,
+    extra_captions: Sequence[str] = (),
 ) -> tuple[TextEmbeddingCache, int, int]:
-    """Fill the text-embedding cache for these records with the (frozen) encoders in `text`, already on `device`
-    in `dtype`; return the cache and how many captions were reused and encoded."""
+    """Fill the text-embedding cache for these records' captions (and `extra_captions`) with the frozen encoders
+    in `text`, already on `device` in `dtype`; return the cache and how many captions were reused and encoded."""
     fingerprint = text_encoders_fingerprint(text.tokenizer_1, text.tokenizer_2, text.text_encoder_1, text.text_encoder_2)
     cache = TextEmbeddingCache(config.cache_dir / "text", fingerprint, dtype)
     encode = live_caption_encoder(text.tokenizer_1, text.tokenizer_2, text.text_encoder_1, text.text_encoder_2, device)
-    reused, encoded = fill_text_cache(training_captions(config, records), cache, encode, show_progress=show_progress)
+    captions = training_captions(config, records) + list(extra_captions)
+    reused, encoded = fill_text_cache(captions, cache, encode, show_progress=show_progress)
     return cache, reused, encoded
