@@ -213,3 +213,24 @@ def test_a_bad_sample_prompt_in_the_config_names_it(raw_config, tmp_path, capsys
     assert code == 2
     assert err.strip().startswith(f"error: {tmp_path / 'c.yaml'}: sample.prompts: prompt 1: ")
     assert "--w 65: width and height must be positive multiples of 8" in err
+
+
+def test_validation_on_a_separate_folder_keeps_every_training_image(tiny_model_path, tmp_path):
+    import shutil
+
+    from conftest import REPO
+
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    for image in sorted((REPO / "datasets_example").glob("*.png"))[:2]:
+        shutil.copy(image, held_out / image.name)
+        shutil.copy(image.with_suffix(".txt"), held_out / f"{image.stem}.txt")
+    raw = training_config(tmp_path)
+    raw.pop("sample")
+    raw["training"]["epochs"] = 1
+    raw["validation"] = {"path": str(held_out)}
+    run, _ = train_in_process(raw)
+    assert len(run.dataloader.dataset) == 12 and len(run.validation.items) == 2
+    assert run.validation.captions[0] == (held_out / "00_red_circle.txt").read_text().strip()
+    history = json.loads((tmp_path / "out" / "test_lora-history.json").read_text())
+    assert [entry["epoch"] for entry in history["epochs"] if entry["validation_loss"]] == [0, 1]
