@@ -60,12 +60,12 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
     tokenizer_1, tokenizer_2 = make_tiny_tokenizers()
     pipeline = StableDiffusionXLPipeline(
         vae=_tiny_vae(),
-        text_encoder=_tiny_text_encoder(TEXT_ENCODER_1_WIDTH, CLIP_L["hidden_act"], tokenizer_1.pad_token_id, projection=False),
-        text_encoder_2=_tiny_text_encoder(TEXT_ENCODER_2_WIDTH, CLIP_BIGG["hidden_act"], tokenizer_2.pad_token_id, projection=True),
+        text_encoder=tiny_text_encoder(TEXT_ENCODER_1_WIDTH, CLIP_L["hidden_act"], tokenizer_1.pad_token_id, projection=False),
+        text_encoder_2=tiny_text_encoder(TEXT_ENCODER_2_WIDTH, CLIP_BIGG["hidden_act"], tokenizer_2.pad_token_id, projection=True),
         tokenizer=tokenizer_1,
         tokenizer_2=tokenizer_2,
         unet=_tiny_unet(),
-        scheduler=_sdxl_scheduler(),
+        scheduler=sdxl_scheduler(),
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
     write_text_atomic(
@@ -96,7 +96,7 @@ def make_tiny_tokenizers():
     return tokenizer_1, tokenizer_2
 
 
-def _tiny_text_encoder(width: int, hidden_act: str, pad_token_id: int, projection: bool):
+def tiny_text_encoder(width: int, hidden_act: str, pad_token_id: int, projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab_size = 2 * 256 + 2
@@ -152,7 +152,7 @@ def _tiny_vae():
     )
 
 
-def _sdxl_scheduler():
+def sdxl_scheduler():
     from diffusers import EulerDiscreteScheduler
 
     # SDXL base's scheduler config.

@@ -1,55 +1,49 @@
-"""Draw the example dataset in datasets_example/: simple shapes with captions, free to ship.
+"""Draw the quickstart's dataset in datasets_example/: a concept `builtin:shapes-sdxl` has never seen.
 
     python scripts/make_example_dataset.py
 
-Deterministic: running it again writes the same files. Sizes vary (some not square) so the
-resize-and-crop path and SDXL's crop conditioning are exercised.
+The base model draws red, yellow, green and blue circles, squares and triangles. The example teaches it a
+new colour, cyan, under a trigger word: "a zqx circle" should come out cyan after the LoRA, while "a red
+square" stays red. 16 pictures, all three shapes, 64 px like the base's training pictures; and in reg/,
+24 pictures of what the base already draws (two per old prompt), regularization images that keep the
+LoRA from repainting the old colours.
+Deterministic: running it again writes the same files.
 """
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import shapes
 
-TRIGGER = "lts_shapes"
-COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 70), "yellow": (240, 200, 30)}
-BACKGROUNDS = {"white": (250, 250, 250), "black": (15, 15, 15), "grey": (128, 128, 128)}
-SHAPES = ("circle", "square", "triangle")
-SIZES = ((128, 128), (160, 128), (128, 192), (256, 256))
-
-
-def draw(shape: str, color: tuple[int, int, int], background: tuple[int, int, int], size: tuple[int, int], rng: random.Random) -> Image.Image:
-    width, height = size
-    image = Image.new("RGB", size, background)
-    pen = ImageDraw.Draw(image)
-    radius = rng.randint(min(size) // 4, min(size) // 3)
-    center_x = width // 2 + rng.randint(-width // 10, width // 10)
-    center_y = height // 2 + rng.randint(-height // 10, height // 10)
-    box = (center_x - radius, center_y - radius, center_x + radius, center_y + radius)
-    if shape == "circle":
-        pen.ellipse(box, fill=color)
-    elif shape == "square":
-        pen.rectangle(box, fill=color)
-    else:
-        pen.polygon([(center_x, center_y - radius), (center_x - radius, center_y + radius), (center_x + radius, center_y + radius)], fill=color)
-    return image
+TRIGGER = "zqx"
+CONCEPT_COLOUR = "cyan"
+COUNT = 16
+FOLDER = Path(__file__).resolve().parent.parent / "datasets_example"
 
 
-def main(folder: Path = Path(__file__).resolve().parent.parent / "datasets_example") -> None:
-    rng = random.Random(0)
+def trigger_caption(shape: str) -> str:
+    return f"a {TRIGGER} {shape}"
+
+
+def main(folder: Path = FOLDER) -> None:
+    rng = random.Random(5)
+    for index in range(COUNT):
+        shape = shapes.SHAPES[index % len(shapes.SHAPES)]
+        save(folder, f"{index:02d}_{TRIGGER}_{shape}", shapes.random_picture(rng, CONCEPT_COLOUR, shape), trigger_caption(shape))
+    old = [(colour, shape) for colour in shapes.BASE_COLOURS for shape in shapes.SHAPES] * 2
+    for index, (colour, shape) in enumerate(old):
+        save(folder / "reg", f"{index:02d}_{colour}_{shape}", shapes.random_picture(rng, colour, shape), shapes.caption(colour, shape))
+
+
+def save(folder: Path, stem: str, picture: shapes.Picture, caption: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for index in range(12):
-        shape = SHAPES[index % len(SHAPES)]
-        color_name = list(COLORS)[index % len(COLORS)]
-        background_name = list(BACKGROUNDS)[(index // len(COLORS)) % len(BACKGROUNDS)]
-        size = SIZES[index % len(SIZES)]
-        image = draw(shape, COLORS[color_name], BACKGROUNDS[background_name], size, rng)
-        stem = f"{index:02d}_{color_name}_{shape}"
-        image.save(folder / f"{stem}.png", optimize=True)
-        caption = f"{TRIGGER}, a {color_name} {shape}, {background_name} background"
-        (folder / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
+    buffer = io.BytesIO()
+    shapes.render(picture).save(buffer, format="PNG")
+    (folder / f"{stem}.png").write_bytes(buffer.getvalue())
+    (folder / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

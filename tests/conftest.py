@@ -7,6 +7,8 @@ folder, then loaded through the same code path as a real SDXL checkpoint.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
+# Twelve shapes of several sizes and aspect ratios (scripts/make_test_shapes.py), for the data pipeline's tests.
+MIXED_SHAPES = REPO / "tests" / "data" / "mixed_shapes"
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -45,7 +49,7 @@ def small_raw_config(folder: Path) -> dict:
     """A small, fast training config on the tiny model and the example dataset, writing under `folder`."""
     return {
         "model": {"pretrained": "builtin:tiny-sdxl"},
-        "datasets": [{"path": str(REPO / "datasets_example")}],
+        "datasets": [{"path": str(MIXED_SHAPES)}],
         "data": {"resolution": 64, "cache_dir": str(folder / "cache")},
         "network": {"rank": 4, "alpha": 2},
         "training": {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "mixed_precision": "no", "seed": 0},
@@ -100,3 +104,14 @@ def train_in_process(raw: dict):
     finally:
         run.accelerator.end_training()
     return run, path
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(lora_train_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`lora-train train configs/quickstart.yaml` run once per session, as a user runs it: (output folder, result)."""
+    out = tmp_path_factory.mktemp("quickstart") / "quickstart"
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_trainer", "train", "configs/quickstart.yaml", "--set", f"output.dir={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=os.environ.copy(),
+    )
+    return out, result

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, train_in_process, write_yaml
+from conftest import MIXED_SHAPES, run_cli, train_in_process, write_yaml
 from PIL import Image
 
 from lora_trainer.lora_io import read_lora_file
@@ -17,7 +17,7 @@ from lora_trainer.lora_io import read_lora_file
 
 def copy_examples(folder: Path, count: int) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    images = sorted((REPO / "datasets_example").glob("*.png"))[:count]
+    images = sorted(MIXED_SHAPES.glob("*.png"))[:count]
     for image in images:
         shutil.copy(image, folder / image.name)
         shutil.copy(image.with_suffix(".txt"), folder / f"{image.stem}.txt")
@@ -27,10 +27,10 @@ def copy_examples(folder: Path, count: int) -> list[Path]:
 def test_bad_files_are_skipped_listed_and_the_rest_trains(raw_config, tmp_path, capsys):
     data = tmp_path / "data"
     copy_examples(data, 4)
-    whole = (REPO / "datasets_example" / "05_blue_triangle.png").read_bytes()
+    whole = (MIXED_SHAPES / "05_blue_triangle.png").read_bytes()
     (data / "broken.png").write_bytes(whole[: len(whole) * 2 // 3])  # the header reads; the pixels do not
     (data / "empty.jpg").write_bytes(b"")
-    shutil.copy(REPO / "datasets_example" / "06_green_circle.png", data / "latin.png")
+    shutil.copy(MIXED_SHAPES / "06_green_circle.png", data / "latin.png")
     (data / "latin.txt").write_bytes("caf\xe9, cr\xe8me".encode("latin-1"))
     Image.new("RGB", (40, 40)).save(data / "tiny.png")  # below the smallest bucket side (64 here)
     raw_config["datasets"][0]["path"] = str(data)

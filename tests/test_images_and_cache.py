@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import MIXED_SHAPES
 from PIL import Image
 
 from lora_trainer.config import validate_config
@@ -52,7 +52,7 @@ def test_a_plan_resizes_crops_and_mirrors():
 @pytest.fixture
 def dataset_copy(tmp_path):
     folder = tmp_path / "images"
-    shutil.copytree(REPO / "datasets_example", folder)
+    shutil.copytree(MIXED_SHAPES, folder)
     return folder
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
 import torch
-from conftest import REPO
+from conftest import MIXED_SHAPES
 
 from lora_trainer.config import validate_config
 from lora_trainer.data.dataset import collate
@@ -20,6 +21,7 @@ from lora_trainer.objective import draw_noise_and_timesteps
 from lora_trainer.step import training_step
 from lora_trainer.train import fit, setup
 
+pytestmark = pytest.mark.learning
 SEEDS = (0, 1, 2, 3, 4)
 STEPS = 200
 
@@ -45,7 +47,7 @@ def relative_drop(seed: int, tmp_path) -> float:
     config = validate_config(
         {
             "model": {"pretrained": "builtin:tiny-sdxl"},
-            "datasets": [{"path": str(REPO / "datasets_example")}],
+            "datasets": [{"path": str(MIXED_SHAPES)}],
             "data": {"resolution": 128, "cache_dir": str(tmp_path / "cache")},
             "network": {"rank": 8, "alpha": 8},
             "training": {"max_steps": STEPS, "batch_size": 4, "learning_rate": 1e-2, "lr_scheduler": "cosine",

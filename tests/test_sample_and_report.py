@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, small_raw_config, train_in_process, write_yaml
+from conftest import MIXED_SHAPES, run_cli, small_raw_config, train_in_process, write_yaml
 from PIL import Image
 
 from lora_trainer.png_info import read_generation_info
@@ -218,11 +218,9 @@ def test_a_bad_sample_prompt_in_the_config_names_it(raw_config, tmp_path, capsys
 def test_validation_on_a_separate_folder_keeps_every_training_image(tiny_model_path, tmp_path):
     import shutil
 
-    from conftest import REPO
-
     held_out = tmp_path / "held_out"
     held_out.mkdir()
-    for image in sorted((REPO / "datasets_example").glob("*.png"))[:2]:
+    for image in sorted(MIXED_SHAPES.glob("*.png"))[:2]:
         shutil.copy(image, held_out / image.name)
         shutil.copy(image.with_suffix(".txt"), held_out / f"{image.stem}.txt")
     raw = training_config(tmp_path)

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_cli, train_in_process, write_yaml
+from conftest import MIXED_SHAPES, run_cli, train_in_process, write_yaml
 
 from lora_trainer.config import ModelConfig, validate_config
 from lora_trainer.lora import lora_layers
 from lora_trainer.lora_io import read_lora_file
 
 
-def test_quickstart_runs_end_to_end_from_the_cli(tmp_path):
-    out = tmp_path / "quickstart"
-    result = subprocess.run(
-        [sys.executable, "-m", "lora_trainer", "train", "configs/quickstart.yaml", "--set", f"output.dir={out}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=os.environ.copy(),
-    )
+def test_quickstart_runs_end_to_end_from_the_cli(quickstart_run):
+    out, result = quickstart_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == f"saved {out / 'quickstart.safetensors'}"
     assert "Traceback" not in result.stderr
@@ -41,6 +35,11 @@ def test_quickstart_runs_end_to_end_from_the_cli(tmp_path):
 
     with Image.open(out / "quickstart-loss.png") as curve:
         assert curve.size == (800, 400)
+    # The before/after grid: the trigger prompt and two old prompts, before training and every 2 epochs.
+    history = json.loads((out / "quickstart-history.json").read_text())
+    assert sorted({entry["prompt"] for entry in history["samples"]}) == ["a blue triangle", "a red square", "a zqx circle"]
+    assert sorted({entry["epoch"] for entry in history["samples"]}) == [0, 2, 4, 6, 8, 10]
+    assert (out / "quickstart-report-grid.png").is_file() and (out / "quickstart-report.html").is_file()
 
 
 def _tensorboard_scalars(folder, tag: str) -> int:
@@ -194,7 +193,7 @@ def test_a_bad_image_stops_the_run_before_training_when_asked(raw_config, tmp_pa
     import shutil
 
     data = tmp_path / "data"
-    shutil.copytree(REPO / "datasets_example", data)
+    shutil.copytree(MIXED_SHAPES, data)
     (data / "broken.png").write_bytes(b"not a png")
     raw_config["datasets"][0]["path"] = str(data)
     raw_config["data"]["on_bad_image"] = "error"
