@@ -115,3 +115,16 @@ def quickstart_run(lora_train_home: Path, tmp_path_factory: pytest.TempPathFacto
         cwd=REPO, capture_output=True, text=True, timeout=900, env=os.environ.copy(),
     )
     return out, result
+
+
+@pytest.fixture(scope="session")
+def small_lora_file(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA trained for a few steps on the tiny model, strong enough to change what it draws."""
+    raw = small_raw_config(tmp_path_factory.mktemp("small-lora"))
+    raw["training"].update(max_steps=4, learning_rate=5e-2)
+    from accelerate.state import AcceleratorState, GradientState
+
+    _, path = train_in_process(raw)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return path

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli, small_raw_config, train_in_process
+from conftest import REPO, run_cli
 from PIL import Image
 
 
@@ -34,16 +34,9 @@ def test_unknown_command_is_a_usage_error(capsys):
     assert code == 2 and "No such command" in err
 
 
-@pytest.fixture(scope="module")
-def trained_lora(tiny_model_path, tmp_path_factory):
-    raw = small_raw_config(tmp_path_factory.mktemp("sample"))
-    raw["training"].update(max_steps=4, learning_rate=1e-2)
-    from accelerate.state import AcceleratorState, GradientState
-
-    _, path = train_in_process(raw)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return path
+@pytest.fixture
+def trained_lora(small_lora_file):
+    return small_lora_file
 
 
 def test_sample_writes_one_png_per_prompt(trained_lora, tmp_path, capsys):

@@ -15,16 +15,9 @@ from lora_trainer.png_info import read_generation_info
 SMALL = ["--steps", "2", "--width", "64", "--height", "64", "--model", "builtin:tiny-sdxl"]
 
 
-@pytest.fixture(scope="module")
-def lora_file(tiny_model_path, tmp_path_factory):
-    raw = small_raw_config(tmp_path_factory.mktemp("lora"))
-    raw["training"].update(max_steps=4, learning_rate=5e-2)
-    from accelerate.state import AcceleratorState, GradientState
-
-    _, path = train_in_process(raw)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return path
+@pytest.fixture
+def lora_file(small_lora_file):
+    return small_lora_file
 
 
 def pixels(path) -> np.ndarray:
