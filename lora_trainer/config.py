@@ -444,7 +444,7 @@ class SampleConfig(_Section):
 
     def prompt_specs(self, resolution: int) -> list:
         """Every prompt (config list, then file) with this section's defaults filled in."""
-        from lora_trainer.prompts import PromptSpec, parse_prompt_line, read_prompts_file
+        from lora_trainer.prompts import PromptSpec, gather_prompts
 
         defaults = PromptSpec(
             prompt="",
@@ -456,10 +456,7 @@ class SampleConfig(_Section):
             steps=self.steps,
             sampler=self.sampler,
         )
-        specs = [parse_prompt_line(line, f"sample.prompts.{index}") for index, line in enumerate(self.prompts)]
-        if self.prompts_file is not None:
-            specs += read_prompts_file(self.prompts_file)
-        return [spec.filled(defaults) for spec in specs]
+        return gather_prompts(self.prompts, self.prompts_file, "sample.prompts: prompt", defaults)
 
     @property
     def enabled(self) -> bool:

@@ -41,6 +41,14 @@ class PromptSpec:
         return replace(self, **unset)
 
 
+def gather_prompts(lines: list[str], prompts_file: Path | None, label: str, defaults: PromptSpec) -> list[PromptSpec]:
+    """The prompt lines (errors name `label N`) then the file's prompts, each with `defaults` filled in."""
+    specs = [parse_prompt_line(line, f"{label} {index + 1}") for index, line in enumerate(lines)]
+    if prompts_file is not None:
+        specs += read_prompts_file(prompts_file)
+    return [spec.filled(defaults) for spec in specs]
+
+
 def read_prompts_file(path: Path) -> list[PromptSpec]:
     """The prompts in a UTF-8 text file; blank lines and lines starting with '#' are skipped."""
     text = _read_text(path)

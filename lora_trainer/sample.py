@@ -129,15 +129,16 @@ def draw(pipeline: Any, drawing: Drawing) -> Image.Image:
         generator=torch.Generator(device="cpu").manual_seed(drawing.seed),
         output_type="latent",
     ).images
-    return decode(pipeline, latents)
+    return decode(pipeline, latents)[0]
 
 
-def decode(pipeline: Any, latents: torch.Tensor) -> Image.Image:
+def decode(pipeline: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """The pictures of a batch of latents (in the UNet's units, as `scale_latents` made them)."""
     vae = pipeline.vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
     pixels = vae.decode(latents).sample
-    return pipeline.image_processor.postprocess(pixels.float(), output_type="pil")[0]
+    return pipeline.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
 def generation_info(drawing: Drawing, model: str, loras: tuple[tuple[str, float], ...]) -> GenerationInfo:

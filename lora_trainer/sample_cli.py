@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from lora_trainer.config import ModelConfig
 from lora_trainer.config_errors import format_validation_error
 from lora_trainer.errors import ConfigError
-from lora_trainer.prompts import PromptSpec, parse_prompt_line, read_prompts_file
+from lora_trainer.prompts import PromptSpec, gather_prompts
 from lora_trainer.sample import LoraChoice, sample_images
 from lora_trainer.samplers import canonical_sampler
 
@@ -84,10 +84,7 @@ def prompt_specs(options: SampleOptions) -> list[PromptSpec]:
         sampler = canonical_sampler(options.sampler)
     except ValueError as error:
         raise ConfigError(f"--sampler: {error}") from None
-    specs = [parse_prompt_line(line, f"--prompt {index + 1}") for index, line in enumerate(options.prompts)]
-    if options.prompts_file is not None:
-        specs += read_prompts_file(options.prompts_file)
-    if not specs:
+    if not options.prompts and options.prompts_file is None:
         raise ConfigError("--prompt: give at least one --prompt or a --prompts-file")
     defaults = PromptSpec(
         prompt="",
@@ -99,4 +96,4 @@ def prompt_specs(options: SampleOptions) -> list[PromptSpec]:
         steps=options.steps,
         sampler=sampler,
     )
-    return [spec.filled(defaults) for spec in specs]
+    return gather_prompts(options.prompts, options.prompts_file, "--prompt", defaults)

@@ -44,6 +44,7 @@ def load_pipeline(model_reference: str, loras: Sequence[tuple[Path, float]] = ()
 
 @torch.no_grad()
 def draw_batch(pipeline, prompt: str, seeds: Sequence[int] = SEEDS) -> list:
+    from lora_trainer.sample import decode
     from lora_trainer.samplers import make_scheduler
 
     config = pipeline.scheduler.config
@@ -58,9 +59,7 @@ def draw_batch(pipeline, prompt: str, seeds: Sequence[int] = SEEDS) -> list:
         generator=[torch.Generator().manual_seed(seed) for seed in seeds],
         output_type="latent",
     ).images
-    vae = pipeline.vae
-    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return pipeline.image_processor.postprocess(pixels, output_type="pil")
+    return decode(pipeline, latents)
 
 
 def share_right(pipeline, prompt: str, colour: str, shape: str | None, seeds: Sequence[int] = SEEDS) -> float:

@@ -248,12 +248,11 @@ def update_ema(ema, model, decay: float) -> None:
 
 
 def assemble(vae, unet, text_encoder_1, text_encoder_2, tokenizer_1, tokenizer_2):
-    from diffusers import StableDiffusionXLPipeline
+    from lora_trainer.models import TextEncoders
+    from lora_trainer.sample import pipeline_from_parts
 
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder_1, text_encoder_2=text_encoder_2, tokenizer=tokenizer_1,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=sdxl_scheduler(), add_watermarker=False,
-    )
+    text = TextEncoders(tokenizer_1, tokenizer_2, text_encoder_1, text_encoder_2)
+    return pipeline_from_parts(unet, text, vae, sdxl_scheduler())
 
 
 def save(pipeline, folder: Path) -> None:
@@ -263,21 +262,10 @@ def save(pipeline, folder: Path) -> None:
 
 
 def evaluate(folder: Path, seeds) -> dict:
-    """The issue's protocol: Euler, 25 steps, CFG 4, the given seeds for each prompt; classifier scores."""
-    from lora_trainer.config import ModelConfig
-    from lora_trainer.models import load_text_encoders, load_unet, load_vae, load_noise_scheduler
-    from lora_trainer.prompts import PromptSpec
-    from lora_trainer.sample import Drawing, draw, pipeline_from_parts
+    """The protocol of scripts/evaluate_shapes.py: Euler, 25 steps, CFG 4, the seeds for each of the 12 prompts."""
+    import evaluate_shapes
 
-    model = ModelConfig(pretrained=str(folder))
-    pipeline = pipeline_from_parts(load_unet(model), load_text_encoders(model), load_vae(model), load_noise_scheduler(model))
-    pipeline.to(torch.float32)
-    scores = {}
-    for prompt in PROMPTS:
-        spec = PromptSpec(prompt, "", shapes.SIZE, shapes.SIZE, 0, 4.0, 25, "euler")
-        expected = tuple(prompt.split()[1:])
-        hits = [shapes.classify(draw(pipeline, Drawing(0, spec, seed))) == expected for seed in seeds]
-        scores[prompt] = sum(hits) / len(hits)
+    scores = evaluate_shapes.old_prompt_scores(evaluate_shapes.load_pipeline(str(folder)), seeds)
     return {"prompts": scores, "overall": sum(scores.values()) / len(scores)}
 
 
