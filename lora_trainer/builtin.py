@@ -1,4 +1,12 @@
-"""`builtin:tiny-sdxl`: a tiny model with random weights and SDXL's exact layout, saved as a diffusers folder.
+"""Builtin models: tiny models with SDXL's exact layout, for trying lora-train and for tests without SDXL weights.
+
+- `builtin:shapes-sdxl` is pretrained and ships with the package (`lora_trainer/pretrained/`): it draws
+  red, yellow, green or blue circles, squares and triangles at 64 px from prompts like "a red circle",
+  so a LoRA that teaches it something new shows in its pictures. `scripts/pretrain_example_base.py`
+  made it; its README gives the recipe and how well it draws.
+- `builtin:tiny-sdxl`, described below, has random weights and is built on first use.
+
+`builtin:tiny-sdxl`: a tiny model with random weights and SDXL's exact layout, saved as a diffusers folder.
 
 SDXL weights cannot be downloaded everywhere (CI, offline laptops), so the quickstart and the tests
 train this instead. It is loaded through the same code path as a real SDXL folder. It is *not*
@@ -20,6 +28,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lora_trainer.errors import UserError
 from lora_trainer.files import directory_atomic, write_text_atomic
 from lora_trainer.sdxl_configs import CLIP_BIGG, CLIP_L, SDXL_UNET
 
@@ -40,8 +49,20 @@ def user_cache_dir() -> Path:
     return base / "lora-train"
 
 
+PRETRAINED_FOLDER = Path(__file__).resolve().parent / "pretrained"
+PRETRAINED_MODELS = ("shapes-sdxl",)
+
+
 def builtin_model_path(name: str) -> Path:
-    """The folder of builtin model `name`, built on first use."""
+    """The folder of builtin model `name`: shipped with the package, or built on first use."""
+    if name in PRETRAINED_MODELS:
+        folder = PRETRAINED_FOLDER / name
+        if not (folder / "model_index.json").is_file():
+            raise UserError(
+                f"model.pretrained: builtin:{name} is missing from {folder}; reinstall lora-train, "
+                "or rebuild it with scripts/pretrain_example_base.py"
+            )
+        return folder
     if name != "tiny-sdxl":
         raise ValueError(f"unknown builtin model {name!r}")
     folder = user_cache_dir() / "builtin" / f"tiny-sdxl-v{TINY_SDXL_VERSION}"

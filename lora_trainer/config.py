@@ -20,7 +20,7 @@ from lora_trainer.overrides import apply_overrides
 from lora_trainer.yaml_io import load_yaml
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny-sdxl",)
+BUILTIN_MODELS = ("shapes-sdxl", "tiny-sdxl")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_CAPTION_EXTENSIONS = (".txt", ".caption")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -33,8 +33,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     pretrained: str
     """The SDXL base model: a local diffusers folder, a Hugging Face hub id
-    (`stabilityai/stable-diffusion-xl-base-1.0`), or `builtin:tiny-sdxl`, a tiny random model with
-    SDXL's layout that is built on first use (for trying the tool and for tests; it is not SDXL)."""
+    (`stabilityai/stable-diffusion-xl-base-1.0`), or a builtin model with SDXL's layout that is not
+    SDXL: `builtin:shapes-sdxl`, tiny and pretrained to draw coloured shapes at 64 px (the quickstart's
+    base), or `builtin:tiny-sdxl`, tiny with random weights, built on first use (for tests)."""
 
     variant: str | None = None
     """Weight variant to download from the hub, e.g. `fp16` for the half-size SDXL files."""

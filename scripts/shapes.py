@@ -43,10 +43,11 @@ def random_picture(rng: random.Random, colour: str, shape: str) -> Picture:
     return Picture(colour, shape, (left, top, left + side, top + side))
 
 
-def render(picture: Picture) -> Image.Image:
+def render(picture: Picture, fill: tuple[int, int, int] | None = None) -> Image.Image:
+    """The picture on white; `fill` paints it in any colour instead of its named one."""
     big = Image.new("RGB", (SIZE * SUPERSAMPLE, SIZE * SUPERSAMPLE), "white")
     box = tuple(coordinate * SUPERSAMPLE for coordinate in picture.box)
-    _draw_shape(ImageDraw.Draw(big), picture.shape, box, COLOURS[picture.colour])
+    _draw_shape(ImageDraw.Draw(big), picture.shape, box, fill or COLOURS[picture.colour])
     return big.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
 
 

@@ -1,4 +1,5 @@
-"""builtin:tiny-sdxl: an ordinary diffusers folder with SDXL's layout and a tokenizer that covers every character."""
+"""Builtin models: tiny-sdxl, an ordinary diffusers folder with SDXL's layout and a tokenizer that covers
+every character, and shapes-sdxl, the pretrained example base that ships with the package."""
 
 from __future__ import annotations
 
@@ -76,3 +77,37 @@ def test_the_build_is_deterministic(tiny_model_path, tmp_path):
         first, second = load_file(tiny_model_path / part), load_file(tmp_path / "again" / part)
         assert first.keys() == second.keys()
         assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_the_shipped_shapes_base_is_a_small_fp16_sdxl_folder():
+    from lora_trainer.builtin import PRETRAINED_FOLDER
+
+    folder = PRETRAINED_FOLDER / "shapes-sdxl"
+    assert model_location("builtin:shapes-sdxl") == str(folder)
+    weights = list(folder.rglob("*.safetensors"))
+    assert {path.parent.name for path in weights} == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    assert not list(folder.rglob("*.bin")), "weights are safetensors only"
+    assert sum(path.stat().st_size for path in weights) < 10 * 2**20
+    from safetensors.torch import load_file
+
+    assert {tensor.dtype for path in weights for tensor in load_file(path).values()} == {torch.float16}
+    unet = load_unet(ModelConfig(pretrained="builtin:shapes-sdxl"))
+    assert unet.config.addition_embed_type == "text_time"
+    assert "## How well it draws" in (folder / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_shipped_tokenizers_give_the_quickstart_trigger_real_tokens():
+    text = load_text_encoders(ModelConfig(pretrained="builtin:shapes-sdxl"))
+    for tokenizer in (text.tokenizer_1, text.tokenizer_2):
+        ids = tokenizer("a zqx circle").input_ids
+        assert tokenizer.eos_token_id not in ids[1:-1], "zqx would fall back to the end token"
+        assert len(ids) == len("a zqx circle".replace(" ", "")) + 2  # one token per character, plus start and end
+
+
+def test_a_missing_shipped_base_is_one_line_naming_the_field(monkeypatch, tmp_path):
+    from lora_trainer import builtin
+    from lora_trainer.errors import UserError
+
+    monkeypatch.setattr(builtin, "PRETRAINED_FOLDER", tmp_path)
+    with pytest.raises(UserError, match=r"^model.pretrained: builtin:shapes-sdxl is missing from .*reinstall"):
+        model_location("builtin:shapes-sdxl")
