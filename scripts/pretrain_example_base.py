@@ -1,10 +1,10 @@
 """Pretrain `builtin:shapes-sdxl`: a tiny SDXL-shaped model that draws coloured shapes, on a CPU in under an hour.
 
-    python scripts/pretrain_example_base.py                  # ~50 min on 2 CPU cores, writes lora_trainer/pretrained/
+    python scripts/pretrain_example_base.py                  # ~40 min on 2 CPU cores, writes lora_trainer/pretrained/
     python scripts/pretrain_example_base.py --unet-steps 500 --eval-seeds 4 --out /tmp/try   # a quick, weaker one
 
 Steps (all seeded and counted in steps: a rerun trains the same model up to the summation order of
-threaded CPU kernels; a short run twice gave a bit-identical VAE and UNet weights within 2e-4):
+threaded CPU kernels; a short run done twice gave a bit-identical VAE and UNet weights within 2e-4):
 1. render 12,000 pictures, 64 px: a circle, square or triangle in red, yellow, green or blue on white,
    at a random place and size, captioned "a red circle" (scripts/shapes.py);
 2. train a small VAE (3 levels, 4x down: 64 px -> 16x16x4), then fold a per-channel shift and scale
@@ -115,7 +115,7 @@ def render_dataset(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     for index in range(count):
         colour, shape = PROMPTS[labels[index]].split()[1:]
         picture = shapes.render(shapes.random_picture(rng, colour, shape))
-        images[index] = torch.from_numpy(np.array(picture)).permute(2, 0, 1)
+        images[index] = as_tensor(picture)
     return images, labels
 
 
@@ -125,9 +125,9 @@ def render_any_colour(count: int, seed: int) -> torch.Tensor:
     rng = random.Random(seed)
     images = torch.empty((count, 3, shapes.SIZE, shapes.SIZE), dtype=torch.uint8)
     for index in range(count):
-        picture = shapes.random_picture(rng, "red", rng.choice(shapes.SHAPES))
+        picture = shapes.random_picture(rng, "red", rng.choice(shapes.SHAPES))  # the name is painted over
         fill = tuple(rng.randint(0, 255) for _ in range(3))
-        images[index] = torch.from_numpy(np.array(shapes.render(picture, fill))).permute(2, 0, 1)
+        images[index] = as_tensor(shapes.render(picture, fill))
     return images
 
 
@@ -138,11 +138,16 @@ def vae_round_trip_score(vae, count: int = 48) -> float:
 
     rng = random.Random(12345)
     pictures = [shapes.random_picture(rng, "cyan", shapes.SHAPES[index % 3]) for index in range(count)]
-    pixels = to_pixels(torch.stack([torch.from_numpy(np.array(shapes.render(picture))).permute(2, 0, 1) for picture in pictures]))
+    pixels = to_pixels(torch.stack([as_tensor(shapes.render(picture)) for picture in pictures]))
     decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
     as_bytes = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     verdicts = [shapes.classify(Image.fromarray(image)) for image in as_bytes]
     return sum(verdict == (picture.colour, picture.shape) for verdict, picture in zip(verdicts, pictures)) / count
+
+
+def as_tensor(image) -> torch.Tensor:
+    """uint8 [3, H, W] of a PIL image."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
