@@ -31,12 +31,13 @@ from lora_trainer.sdxl_configs import SDXL_UNET  # noqa: E402
 from lora_trainer.step import training_step  # noqa: E402
 
 
-def build_unet(name: str):
+def build_unet(name: str, device: torch.device):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     if name == "sdxl-random":
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(**SDXL_UNET)
+        with torch.device(device):  # 2.6B random weights initialise in seconds on a GPU, a minute on a CPU
+            unet = UNet2DConditionModel(**SDXL_UNET)
         scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
         return unet, scheduler, 2048, 1280
     from lora_trainer.config import ModelConfig
@@ -61,7 +62,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = WEIGHT_DTYPES[arguments.mixed_precision]
-    unet, scheduler, context_width, pooled_width = build_unet(arguments.model)
+    unet, scheduler, context_width, pooled_width = build_unet(arguments.model, device)
     unet.requires_grad_(False)
     unet.to(device, dtype)
     attach_lora(unet, UNET_TARGETS, arguments.rank, arguments.rank / 2)

@@ -308,7 +308,8 @@ class TrainingConfig(_Section):
     """`auto`: bf16 on a CUDA GPU that supports it, fp16 on other GPUs, full fp32 on CPU."""
 
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: much less GPU memory, about 20-30% slower."""
+    """Recompute activations in the backward pass: less than half the GPU memory, but slower. SDXL's UNet
+    at 1024 px, batch 1, bf16 on an H200: peak 14.4 -> 6.8 GiB, 479 -> 1016 ms per step."""
 
     max_grad_norm: float = Field(1.0, ge=0)
     """Clip the gradient norm of the adapters to this value; 0 turns clipping off."""
