@@ -3,8 +3,9 @@
     python scripts/pretrain_example_base.py                  # ~40 min on 2 CPU cores, writes lora_trainer/pretrained/
     python scripts/pretrain_example_base.py --unet-steps 500 --eval-seeds 4 --out /tmp/try   # a quick, weaker one
 
-Steps (all seeded and counted in steps: a rerun trains the same model up to the summation order of
-threaded CPU kernels; a short run done twice gave a bit-identical VAE and UNet weights within 2e-4):
+Steps (all seeded and counted in steps, so a rerun scores the same: a full rerun gave 100% again and a
+bit-identical VAE; the UNet's weights drift apart, because threaded CPU kernels sum in varying order
+and 4,000 steps amplify that, as the base's README records):
 1. render 12,000 pictures, 64 px: a circle, square or triangle in red, yellow, green or blue on white,
    at a random place and size, captioned "a red circle" (scripts/shapes.py);
 2. train a small VAE (3 levels, 4x down: 64 px -> 16x16x4), then fold a per-channel shift and scale
