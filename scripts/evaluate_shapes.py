@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 OLD_PROMPTS = [shapes.caption(colour, shape) for colour in shapes.BASE_COLOURS for shape in shapes.SHAPES]
 SEEDS = range(16)
+# The quickstart's new concept: "zqx" should bring cyan, whatever the shape.
+TRIGGER_PROMPTS = [f"a zqx {shape}" for shape in shapes.SHAPES]
 
 
 def load_pipeline(model_reference: str, loras: Sequence[tuple[Path, float]] = ()):
@@ -68,6 +70,11 @@ def share_right(pipeline, prompt: str, colour: str, shape: str | None, seeds: Se
     return sum(found_colour == colour and (shape is None or found_shape == shape) for found_colour, found_shape in verdicts) / len(verdicts)
 
 
+def trigger_cyan_shares(pipeline, seeds: Sequence[int] = SEEDS) -> list[float]:
+    """The share of cyan samples for each trigger prompt."""
+    return [share_right(pipeline, prompt, "cyan", None, seeds) for prompt in TRIGGER_PROMPTS]
+
+
 def old_prompt_scores(pipeline, seeds: Sequence[int] = SEEDS) -> dict[str, float]:
     return {prompt: share_right(pipeline, prompt, *prompt.split()[1:], seeds) for prompt in OLD_PROMPTS}
 
@@ -83,9 +90,8 @@ def main() -> None:
     for prompt, score in scores.items():
         print(f"{prompt:24s} {score:6.1%}")
     print(f"{'overall':24s} {sum(scores.values()) / len(scores):6.1%}")
-    for shape in shapes.SHAPES:
-        prompt = f"a zqx {shape}"
-        print(f"{prompt:24s} {share_right(pipeline, prompt, 'cyan', None):6.1%} cyan")
+    for prompt, share in zip(TRIGGER_PROMPTS, trigger_cyan_shares(pipeline)):
+        print(f"{prompt:24s} {share:6.1%} cyan")
 
 
 if __name__ == "__main__":

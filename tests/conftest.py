@@ -110,11 +110,16 @@ def train_in_process(raw: dict):
 def quickstart_run(lora_train_home: Path, tmp_path_factory: pytest.TempPathFactory):
     """`lora-train train configs/quickstart.yaml` run once per session, as a user runs it: (output folder, result)."""
     out = tmp_path_factory.mktemp("quickstart") / "quickstart"
-    result = subprocess.run(
-        [sys.executable, "-m", "lora_trainer", "train", "configs/quickstart.yaml", "--set", f"output.dir={out}"],
+    return out, run_quickstart(out)
+
+
+def run_quickstart(out: Path, *settings: str) -> subprocess.CompletedProcess:
+    """`lora-train train configs/quickstart.yaml` into `out`, with `--set` overrides such as "training.optimizer=adamw8bit"."""
+    overrides = [argument for setting in settings for argument in ("--set", setting)]
+    return subprocess.run(
+        [sys.executable, "-m", "lora_trainer", "train", "configs/quickstart.yaml", "--set", f"output.dir={out}", *overrides],
         cwd=REPO, capture_output=True, text=True, timeout=900, env=os.environ.copy(),
     )
-    return out, result
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,12 @@ tests/test_quickstart_learns.py (scored on the CPU in fp32, so the numbers compa
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_quickstart
 
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -23,7 +22,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 QUICKSTART_MODEL = "builtin:shapes-sdxl"
-TRIGGER_PROMPTS = ["a zqx circle", "a zqx square", "a zqx triangle"]
 GPU_RUNS = {"bf16-adamw8bit": ("bf16", "adamw8bit"), "fp16-adamw": ("fp16", "adamw")}
 
 
@@ -62,23 +60,14 @@ def evaluation():
 @pytest.fixture(scope="module")
 def base_scores(evaluation):
     base = evaluation.load_pipeline(QUICKSTART_MODEL)
-    trigger = [evaluation.share_right(base, prompt, "cyan", None) for prompt in TRIGGER_PROMPTS]
-    return trigger, evaluation.old_prompt_scores(base)
+    return evaluation.trigger_cyan_shares(base), evaluation.old_prompt_scores(base)
 
 
 @pytest.fixture(scope="module", params=list(GPU_RUNS))
 def gpu_quickstart(request, tmp_path_factory):
     precision, optimizer = GPU_RUNS[request.param]
     out = tmp_path_factory.mktemp(request.param) / "quickstart"
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "lora_trainer", "train", "configs/quickstart.yaml",
-            "--set", f"output.dir={out}",
-            "--set", f"training.mixed_precision={precision}",
-            "--set", f"training.optimizer={optimizer}",
-        ],
-        cwd=REPO, capture_output=True, text=True, timeout=900, env=os.environ.copy(),
-    )
+    result = run_quickstart(out, f"training.mixed_precision={precision}", f"training.optimizer={optimizer}")
     assert result.returncode == 0, result.stderr[-3000:]
     return request.param, out / "quickstart.safetensors"
 
@@ -95,7 +84,7 @@ def test_the_gpu_quickstart_records_its_precision_and_optimizer(gpu_quickstart):
 def test_the_gpu_quickstart_learns_the_concept_and_keeps_the_old_ones(gpu_quickstart, base_scores, evaluation):
     name, path = gpu_quickstart
     tuned = evaluation.load_pipeline(QUICKSTART_MODEL, [(path, 1.0)])
-    with_lora = [evaluation.share_right(tuned, prompt, "cyan", None) for prompt in TRIGGER_PROMPTS]
+    with_lora = evaluation.trigger_cyan_shares(tuned)
     after = evaluation.old_prompt_scores(tuned)
     without_lora, before = base_scores
     mean_before, mean_after = sum(before.values()) / len(before), sum(after.values()) / len(after)

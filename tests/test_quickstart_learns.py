@@ -20,7 +20,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 pytestmark = pytest.mark.learning
 
 QUICKSTART_MODEL = "builtin:shapes-sdxl"
-TRIGGER_PROMPTS = ["a zqx circle", "a zqx square", "a zqx triangle"]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +48,8 @@ def test_quickstart_trains_on_the_pretrained_shapes_base():
 
 def test_the_trigger_brings_the_new_colour_only_with_the_lora(pipelines, evaluation):
     base, tuned = pipelines
-    with_lora = [evaluation.share_right(tuned, prompt, "cyan", None) for prompt in TRIGGER_PROMPTS]
-    without_lora = [evaluation.share_right(base, prompt, "cyan", None) for prompt in TRIGGER_PROMPTS]
+    with_lora = evaluation.trigger_cyan_shares(tuned)
+    without_lora = evaluation.trigger_cyan_shares(base)
     print(f"cyan with the LoRA {with_lora}, without {without_lora}")
     assert sum(with_lora) / len(with_lora) >= 0.80
     assert sum(without_lora) / len(without_lora) <= 0.20
