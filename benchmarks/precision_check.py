@@ -23,7 +23,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from train_step import build_unet  # noqa: E402
 
 from lora_trainer.lora import UNET_TARGETS, attach_lora, lora_parameters  # noqa: E402
 from lora_trainer.precision import WEIGHT_DTYPES  # noqa: E402
@@ -59,32 +63,26 @@ def shapes_setup(device: torch.device, batch_size: int) -> Setup:
     from lora_trainer.config import ModelConfig
     from lora_trainer.models import load_noise_scheduler, load_text_encoders, load_unet
 
+    import shapes
+
     model = ModelConfig(pretrained="builtin:shapes-sdxl")
     unet = load_unet(model).to(device, torch.float32)
     text = load_text_encoders(model)
-    colours, shapes = ["red", "yellow", "green", "blue"], ["circle", "square", "triangle"]
-    captions = [f"a {colours[i % 4]} {shapes[i % 3]}" for i in range(batch_size)]
+    # Colour and shape cycle at different periods, so 12 samples hold all 12 pretraining prompts.
+    captions = [shapes.caption(shapes.BASE_COLOURS[i % 4], shapes.SHAPES[i % 3]) for i in range(batch_size)]
     with torch.no_grad():
         context, pooled = encode_token_ids(
             text.text_encoder_1.float(), text.text_encoder_2.float(),
             tokenize(text.tokenizer_1, captions), tokenize(text.tokenizer_2, captions),
         )
-    size = unet.config.sample_size
-    return _setup(unet, load_noise_scheduler(model), context.to(device), pooled.to(device), size, size * 4, device)
+    return _setup(unet, load_noise_scheduler(model), context.to(device), pooled.to(device), unet.config.sample_size, shapes.SIZE, device)
 
 
 def sdxl_random_setup(device: torch.device, batch_size: int, resolution: int) -> Setup:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    from lora_trainer.sdxl_configs import SDXL_UNET
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**SDXL_UNET)
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    unet, scheduler, context_width, pooled_width = build_unet("sdxl-random", device)
     generator = torch.Generator(device="cpu").manual_seed(1)
-    context = torch.randn(batch_size, 77, 2048, generator=generator).to(device)
-    pooled = torch.randn(batch_size, 1280, generator=generator).to(device)
+    context = torch.randn(batch_size, 77, context_width, generator=generator).to(device)
+    pooled = torch.randn(batch_size, pooled_width, generator=generator).to(device)
     return _setup(unet, scheduler, context, pooled, resolution // 8, resolution, device)
 
 
