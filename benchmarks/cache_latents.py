@@ -43,19 +43,19 @@ ROOT = Path(__file__).resolve().parent.parent
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
            "purple": (140, 60, 180), "orange": (245, 140, 30), "black": (20, 20, 20), "white": (245, 245, 245)}
 
-# Runs in the child. `cache` does what `lora-train cache-latents` does (load the config, fill_caches);
+# Runs in the child. `cache` does what `lora-train cache-latents` does (load the config, precache);
 # `baseline` stops after the imports and the config, which is the part of the RSS no image adds to.
 # VmHWM is read rather than ru_maxrss: on Linux ru_maxrss also counts the parent's memory at the
 # moment of the fork, VmHWM only this process's own address space.
 CHILD = """
 import json, sys
 from pathlib import Path
-from lora_trainer.config import load_config
+from lora_trainer.config.load import load_config
 config = load_config(Path(sys.argv[2]))
 lines = []
 if sys.argv[1] == "cache":
-    from lora_trainer.precache import fill_caches
-    lines = fill_caches(config, show_progress=False)
+    from lora_trainer.cache.fill import precache
+    lines = precache(config, show_progress=False)
 else:
     import diffusers, torch
 def peak_rss_kib():

@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from train_step import build_unet  # noqa: E402
 
-from lora_trainer.lora import UNET_TARGETS, attach_lora, lora_parameters  # noqa: E402
-from lora_trainer.precision import WEIGHT_DTYPES  # noqa: E402
-from lora_trainer.step import training_step  # noqa: E402
+from lora_trainer.adapters.lora import UNET_TARGETS, attach_lora, lora_parameters  # noqa: E402
+from lora_trainer.fit.step import training_step  # noqa: E402
+from lora_trainer.model.precision import WEIGHT_DTYPES  # noqa: E402
 
 FP16_LOSS_SCALE = 2.0**16  # GradScaler's initial scale
 
@@ -59,15 +59,15 @@ class Setup:
 
 def shapes_setup(device: torch.device, batch_size: int) -> Setup:
     """builtin:shapes-sdxl with real caption embeddings of its own prompts."""
-    from lora_trainer.conditioning import encode_token_ids, tokenize
-    from lora_trainer.config import ModelConfig
-    from lora_trainer.models import load_noise_scheduler, load_text_encoders, load_unet
+    from lora_trainer.config.model import ModelConfig
+    from lora_trainer.model.conditioning import encode_token_ids, tokenize
+    from lora_trainer.model.parts import load_sdxl
 
     import shapes
 
-    model = ModelConfig(pretrained="builtin:shapes-sdxl")
-    unet = load_unet(model).to(device, torch.float32)
-    text = load_text_encoders(model)
+    parts = load_sdxl(ModelConfig(pretrained="builtin:shapes-sdxl"))
+    unet = parts.unet.to(device, torch.float32)
+    text = parts.text
     # Colour and shape cycle at different periods, so 12 samples hold all 12 pretraining prompts.
     captions = [shapes.caption(shapes.BASE_COLOURS[i % 4], shapes.SHAPES[i % 3]) for i in range(batch_size)]
     with torch.no_grad():
@@ -75,7 +75,7 @@ def shapes_setup(device: torch.device, batch_size: int) -> Setup:
             text.text_encoder_1.float(), text.text_encoder_2.float(),
             tokenize(text.tokenizer_1, captions), tokenize(text.tokenizer_2, captions),
         )
-    return _setup(unet, load_noise_scheduler(model), context.to(device), pooled.to(device), unet.config.sample_size, shapes.SIZE, device)
+    return _setup(unet, parts.noise_scheduler, context.to(device), pooled.to(device), unet.config.sample_size, shapes.SIZE, device)
 
 
 def sdxl_random_setup(device: torch.device, batch_size: int, resolution: int) -> Setup:

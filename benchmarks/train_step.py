@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lora_trainer.lora import UNET_TARGETS, attach_lora, lora_parameters  # noqa: E402
-from lora_trainer.objective import draw_noise_and_timesteps  # noqa: E402
-from lora_trainer.precision import WEIGHT_DTYPES  # noqa: E402
-from lora_trainer.sdxl_configs import SDXL_UNET  # noqa: E402
-from lora_trainer.step import training_step  # noqa: E402
+from lora_trainer.adapters.lora import UNET_TARGETS, attach_lora, lora_parameters  # noqa: E402
+from lora_trainer.fit.objective import draw_noise_and_timesteps  # noqa: E402
+from lora_trainer.fit.step import training_step  # noqa: E402
+from lora_trainer.model.precision import WEIGHT_DTYPES  # noqa: E402
+from lora_trainer.model.sdxl_architecture import SDXL_UNET  # noqa: E402
 
 
 def build_unet(name: str, device: torch.device):
@@ -40,12 +40,12 @@ def build_unet(name: str, device: torch.device):
             unet = UNet2DConditionModel(**SDXL_UNET)
         scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
         return unet, scheduler, 2048, 1280
-    from lora_trainer.config import ModelConfig
-    from lora_trainer.models import load_noise_scheduler, load_unet
+    from lora_trainer.config.model import ModelConfig
+    from lora_trainer.model.parts import load_sdxl
 
-    model = ModelConfig(pretrained="builtin:tiny-sdxl")
-    unet = load_unet(model)
-    return unet, load_noise_scheduler(model), unet.config.cross_attention_dim, unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    parts = load_sdxl(ModelConfig(pretrained="builtin:tiny-sdxl"))
+    unet = parts.unet
+    return unet, parts.noise_scheduler, unet.config.cross_attention_dim, unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
 
 
 def main() -> None:

@@ -6,15 +6,35 @@ answer at once.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
+from lora_trainer.config.sample_command import RENAMED_OPTIONS, SAMPLE_OPTIONS, SampleOption, parameter_name
 from lora_trainer.errors import UserError
+
+
+class _Command(TyperCommand):
+    """Help as the README writes commands: `train [OPTIONS] CONFIG`, with no type placeholders."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [self.options_metavar, *(param.metavar for param in self.get_params(ctx) if param.param_type_name == "argument")]
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        params = self.get_params(ctx)
+        arguments = [(param.metavar, param.help or "") for param in params if param.param_type_name == "argument"]
+        options = [param.get_help_record(ctx) for param in params if param.param_type_name == "option"]
+        for title, records in (("Arguments", arguments), ("Options", [record for record in options if record])):
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
 
 app = typer.Typer(
     name="lora-train",
@@ -32,77 +52,87 @@ Overrides = Annotated[
     list[str] | None,
     typer.Option(
         "--set",
+        metavar="KEY=VALUE",
         help="Override one config field, e.g. --set network.rank=16 or --set datasets.0.repeats=5. Repeatable.",
         show_default=False,
     ),
 ]
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(config: ConfigPath, overrides: Overrides = None) -> None:
     """Train a LoRA: cache latents (if not cached yet), train, and write <output.dir>/<output.name>.safetensors."""
-    from lora_trainer.config import load_config
+    from lora_trainer.config.load import load_config
 
     settings = load_config(config, overrides)
-    from lora_trainer.train import train as run_training
+    from lora_trainer.fit.train import train as run_training
 
     path = run_training(settings)
     typer.echo(f"saved {path}")
 
 
-@app.command("cache-latents")
+@app.command("cache-latents", cls=_Command)
 def cache_latents(config: ConfigPath, overrides: Overrides = None) -> None:
-    """Encode every training image with the VAE (and, when training will use them, the captions with the text
-    encoders) ahead of training; `train` then reuses the cache."""
-    from lora_trainer.config import load_config
+    """Encode every training and validation image with the VAE (and, when training will use them, the captions
+    with the text encoders) ahead of training; `train` then reuses the cache."""
+    from lora_trainer.config.load import load_config
 
     settings = load_config(config, overrides)
-    from lora_trainer.precache import fill_caches
+    from lora_trainer.cache.fill import precache
 
-    for line in fill_caches(settings):
+    for line in precache(settings):
         typer.echo(line)
 
 
-@app.command()
-def sample(
-    model: Annotated[str | None, typer.Option(help="Base model: diffusers folder, hub id, or builtin:tiny-sdxl.", show_default=False)] = None,
-    config: Annotated[Path | None, typer.Option(help="Take the model options (and LoRA) from this training config.", show_default=False)] = None,
-    lora: Annotated[list[str] | None, typer.Option(help="A LoRA .safetensors, optionally with a weight: --lora my.safetensors:0.8. Repeatable.", show_default=False)] = None,
-    prompt: Annotated[list[str] | None, typer.Option(help="A prompt, optionally with kohya's inline options (--n --w --h --d --l --s --ss). Repeatable.", show_default=False)] = None,
-    prompts_file: Annotated[Path | None, typer.Option(help="A file of prompts, one per line, with the same inline options.", show_default=False)] = None,
-    out: Annotated[Path, typer.Option(help="Folder for the PNG files.")] = Path("samples"),
-    negative_prompt: Annotated[str, typer.Option(help="Negative prompt for prompts without --n.")] = "",
-    seed: Annotated[int, typer.Option(help="Seed of prompts without --d; image i of a prompt uses seed + i.")] = 0,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 30,
-    cfg: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 7.0,
-    sampler: Annotated[str, typer.Option(help="euler, euler_a, dpm++_2m, dpm++_2m_karras or ddim.")] = "euler",
-    width: Annotated[int | None, typer.Option(min=64, help="Width in pixels; default: the model's native size.")] = None,
-    height: Annotated[int | None, typer.Option(min=64, help="Height in pixels; default: the model's native size.")] = None,
-    images: Annotated[int, typer.Option(min=1, help="Images per prompt.")] = 1,
-    compare: Annotated[bool, typer.Option(help="Also draw each image without the LoRAs, with the same seed, side by side.")] = False,
-    vae: Annotated[str | None, typer.Option(help="A separate VAE (folder or hub id).")] = None,
-    prediction_type: Annotated[str, typer.Option(help="epsilon or v_prediction.")] = "epsilon",
-) -> None:
+def sample(**given: Any) -> None:
     """Draw images with a base model plus LoRAs; each PNG carries its parameters as A1111 writes them."""
-    from lora_trainer.sample_cli import SampleOptions, run_sample
+    from lora_trainer.config.sample_command import sample_request
 
-    options = SampleOptions(
-        model=model, config=config, loras=lora or [], prompts=prompt or [], prompts_file=prompts_file, out=out,
-        negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, sampler=sampler, width=width,
-        height=height, images=images, compare=compare, vae=vae, prediction_type=prediction_type,
-    )
-    for path in run_sample(options):
+    request = sample_request(given)
+    from lora_trainer.sampling.generate import sample_images
+
+    for path in sample_images(request):
         typer.echo(str(path))
 
 
-@app.command()
+def _sample_parameters() -> list[inspect.Parameter]:
+    """`sample`'s options, one per config field it sets, with that field's docstring as the help."""
+    parameters = [_sample_parameter(option) for option in SAMPLE_OPTIONS]
+    for old, new in RENAMED_OPTIONS.items():
+        hidden = typer.Option(old, hidden=True, help=f"Renamed to {new}.")
+        parameters.append(inspect.Parameter(parameter_name(old), inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[str | None, hidden]))
+    return parameters
+
+
+def _sample_parameter(option: SampleOption) -> inspect.Parameter:
+    field = option.section.model_fields[option.field]
+    help_text = " ".join((field.description or "").replace("`", "").split())
+    if option.metavar is None:  # a flag, off unless given
+        annotation: Any = Annotated[bool, typer.Option(option.flag, help=help_text)]
+        return inspect.Parameter(option.parameter, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=annotation)
+    if option.repeatable:
+        help_text += " Repeatable."
+    elif field.default not in (None, "") and not field.is_required():
+        help_text += f"  [default: {field.default}]"
+    # Every value arrives as text and is checked by the field itself, so the option and the config field
+    # accept the same values and give the same errors.
+    kind = list[str] | None if option.repeatable else str | None
+    annotation = Annotated[kind, typer.Option(option.flag, metavar=option.metavar, help=help_text, show_default=False)]
+    return inspect.Parameter(option.parameter, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+sample.__signature__ = inspect.Signature(_sample_parameters())  # type: ignore[attr-defined]
+app.command(cls=_Command)(sample)
+
+
+@app.command(cls=_Command)
 def report(
     output_dir: Annotated[Path, typer.Argument(metavar="OUTPUT_DIR", help="The output folder of a training run.", show_default=False)],
-    name: Annotated[str | None, typer.Option(help="The run's output.name, if the folder holds several runs.", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(metavar="NAME", help="The run's output.name, if the folder holds several runs.", show_default=False)] = None,
 ) -> None:
     """Write the run report (report.html with the loss curves and the sample grid) for a finished or running run."""
-    from lora_trainer.history import find_run_name
-    from lora_trainer.report import write_report
+    from lora_trainer.report.history import find_run_name
+    from lora_trainer.report.html import write_report
 
     typer.echo(str(write_report(output_dir, name or find_run_name(output_dir))))
 

@@ -1,7 +1,7 @@
 """Score what a shapes model draws: the share of samples whose colour and shape the classifier confirms.
 
-    python scripts/evaluate_shapes.py --model lora_trainer/pretrained/shapes-sdxl        # the 12 prompts
-    python scripts/evaluate_shapes.py --model lora_trainer/pretrained/shapes-sdxl --lora my.safetensors
+    python scripts/evaluate_shapes.py --model lora_trainer/model/pretrained/shapes-sdxl        # the 12 prompts
+    python scripts/evaluate_shapes.py --model lora_trainer/model/pretrained/shapes-sdxl --lora my.safetensors
 
 The protocol of the example base's README: Euler, 25 steps, CFG 4, seeds 0-15 for each prompt, 64 px.
 The 16 seeds of a prompt are drawn as one batch with one generator per seed, which gives each seed the
@@ -28,26 +28,24 @@ TRIGGER_PROMPTS = [f"a zqx {shape}" for shape in shapes.SHAPES]
 
 
 def load_pipeline(model_reference: str, loras: Sequence[tuple[Path, float]] = ()):
-    """An fp32 CPU pipeline of the model with the LoRAs merged in."""
-    from lora_trainer.config import ModelConfig
-    from lora_trainer.lora_io import merge_lora_into, read_lora_file
-    from lora_trainer.models import load_noise_scheduler, load_text_encoders, load_unet, load_vae
-    from lora_trainer.sample import pipeline_from_parts
+    """An fp32 CPU pipeline of the model with the LoRAs loaded as adapters."""
+    from lora_trainer.config.model import ModelConfig
+    from lora_trainer.export.load import load_loras_into
+    from lora_trainer.export.lora_file import read_lora_file
+    from lora_trainer.model.parts import load_sdxl
+    from lora_trainer.sampling.generate import pipeline_from_parts
 
-    model = ModelConfig(pretrained=model_reference)
-    unet, text = load_unet(model), load_text_encoders(model)
-    parts = {"unet": unet, "text_encoder_1": text.text_encoder_1, "text_encoder_2": text.text_encoder_2}
-    for path, weight in loras:
-        merge_lora_into(parts, read_lora_file(path), weight, source=str(path))
-    pipeline = pipeline_from_parts(unet, text, load_vae(model), load_noise_scheduler(model))
+    parts = load_sdxl(ModelConfig(pretrained=model_reference))
+    load_loras_into(parts.lora_targets(), [(read_lora_file(path), weight, str(path)) for path, weight in loras])
+    pipeline = pipeline_from_parts(parts.unet, parts.text, parts.vae, parts.noise_scheduler)
     pipeline.to(torch.float32)
     return pipeline
 
 
 @torch.no_grad()
 def draw_batch(pipeline, prompt: str, seeds: Sequence[int] = SEEDS) -> list:
-    from lora_trainer.sample import decode
-    from lora_trainer.samplers import make_scheduler
+    from lora_trainer.sampling.generate import decode
+    from lora_trainer.sampling.schedulers import make_scheduler
 
     config = pipeline.scheduler.config
     pipeline.scheduler = make_scheduler("euler", config, config.prediction_type)

@@ -1,6 +1,6 @@
 """Pretrain `builtin:shapes-sdxl`: a tiny SDXL-shaped model that draws coloured shapes, on a CPU in under an hour.
 
-    python scripts/pretrain_example_base.py                  # ~40 min on 2 CPU cores, writes lora_trainer/pretrained/
+    python scripts/pretrain_example_base.py                  # ~40 min on 2 CPU cores, writes lora_trainer/model/pretrained/
     python scripts/pretrain_example_base.py --unet-steps 500 --eval-seeds 4 --out /tmp/try   # a quick, weaker one
 
 Steps (all seeded and counted in steps, so a rerun scores the same: a full rerun gave 100% again and a
@@ -40,10 +40,10 @@ import shapes
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lora_trainer.builtin import make_tiny_tokenizers, sdxl_scheduler, tiny_text_encoder  # noqa: E402
-from lora_trainer.conditioning import encode_token_ids, tokenize  # noqa: E402
+from lora_trainer.model.builtin import make_tiny_tokenizers, sdxl_scheduler, tiny_text_encoder  # noqa: E402
+from lora_trainer.model.conditioning import encode_token_ids, tokenize  # noqa: E402
 
-DEFAULT_OUT = REPO / "lora_trainer" / "pretrained" / "shapes-sdxl"
+DEFAULT_OUT = REPO / "lora_trainer" / "model" / "pretrained" / "shapes-sdxl"
 TEXT_WIDTH = 32
 TIME_ID_WIDTH = 8
 NOISE_OFFSET = 0.05
@@ -227,7 +227,7 @@ def encode_dataset(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def make_unet():
     from diffusers import UNet2DConditionModel
 
-    from lora_trainer.sdxl_configs import SDXL_UNET
+    from lora_trainer.model.sdxl_architecture import SDXL_UNET
 
     return UNet2DConditionModel(
         **{
@@ -316,8 +316,8 @@ def update_ema(ema, model, decay: float) -> None:
 
 
 def assemble(vae, unet, text_encoder_1, text_encoder_2, tokenizer_1, tokenizer_2):
-    from lora_trainer.models import TextEncoders
-    from lora_trainer.sample import pipeline_from_parts
+    from lora_trainer.model.parts import TextEncoders
+    from lora_trainer.sampling.generate import pipeline_from_parts
 
     text = TextEncoders(tokenizer_1, tokenizer_2, text_encoder_1, text_encoder_2)
     return pipeline_from_parts(unet, text, vae, sdxl_scheduler())

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
 # Twelve shapes of several sizes and aspect ratios (scripts/make_test_shapes.py), for the data pipeline's tests.
 MIXED_SHAPES = REPO / "tests" / "data" / "mixed_shapes"
 
@@ -40,9 +39,21 @@ def lora_train_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_path(lora_train_home: Path) -> Path:
-    from lora_trainer.builtin import builtin_model_path
+    from lora_trainer.model.builtin import builtin_model_path
 
     return builtin_model_path("tiny-sdxl")
+
+
+def copy_examples(folder: Path, count: int) -> list[Path]:
+    """The first `count` mixed shapes with their captions, copied into `folder`; the copies' image paths."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = sorted(MIXED_SHAPES.glob("*.png"))[:count]
+    for image in images:
+        shutil.copy(image, folder / image.name)
+        shutil.copy(image.with_suffix(".txt"), folder / f"{image.stem}.txt")
+    return [folder / image.name for image in images]
 
 
 def small_raw_config(folder: Path) -> dict:
@@ -94,10 +105,12 @@ def fresh_accelerate_state():
 
 def train_in_process(raw: dict):
     """Run setup -> fit -> finalize and return (run, path), keeping the in-memory adapters for comparison."""
-    from lora_trainer.config import validate_config
-    from lora_trainer.train import finalize, fit, setup
+    from lora_trainer.config.load import parse_config
+    from lora_trainer.fit.loop import fit
+    from lora_trainer.fit.save import finalize
+    from lora_trainer.fit.setup import setup
 
-    run = setup(validate_config(raw))
+    run = setup(parse_config(raw))
     try:
         fit(run)
         path = finalize(run)

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from lora_trainer.config import DataConfig
+from lora_trainer.config.data import DataConfig
 from lora_trainer.data.buckets import CropPlan, ImageTooSmall, bucket_sizes, plan_for, random_crop
-from lora_trainer.data.sampler import BucketBatchSampler
+from lora_trainer.fit.batches import BucketBatches
 
 SDXL = DataConfig(resolution=1024)  # step 64, sides 256..2048
 SDXL_BUCKETS = bucket_sizes(1024, 64, 256, 2048)
@@ -80,16 +80,16 @@ def test_random_crop_stays_inside_and_is_reproducible():
     assert random_crop(plan, random.Random(7)) == random_crop(plan, random.Random(7))
 
 
-def test_a_mirrored_plan_measures_the_crop_from_the_other_edge():
+def test_a_flipped_plan_measures_the_crop_from_the_other_edge():
     plan = CropPlan((1080, 1920), (768, 1365), (768, 1344), (0, 4))
-    assert plan.mirrored().crop_top_left == (0, 17)  # 21 spare pixels: 4 on the left are 17 on the right
+    assert plan.flipped().crop_top_left == (0, 17)  # 21 spare pixels: 4 on the left are 17 on the right
 
 
 BUCKETS = [(64, 64)] * 7 + [(32, 96)] * 5 + [(96, 32)] * 3
 
 
 def test_batches_never_mix_buckets_and_cover_each_item_once_per_epoch():
-    sampler = BucketBatchSampler(BUCKETS, batch_size=2, seed=0)
+    sampler = BucketBatches(BUCKETS, batch_size=2, seed=0)
     for epoch in (1, 2, 3):
         sampler.set_epoch(epoch)
         batches = list(sampler)
@@ -102,7 +102,7 @@ def test_batches_never_mix_buckets_and_cover_each_item_once_per_epoch():
 
 def test_order_is_reproducible_from_the_seed_and_changes_every_epoch():
     def order(seed: int, epoch: int) -> list:
-        sampler = BucketBatchSampler(BUCKETS, batch_size=2, seed=seed)
+        sampler = BucketBatches(BUCKETS, batch_size=2, seed=seed)
         sampler.set_epoch(epoch)
         return [index for batch in sampler for index, _ in batch]
 
@@ -110,13 +110,13 @@ def test_order_is_reproducible_from_the_seed_and_changes_every_epoch():
     assert order(0, 1) != order(0, 2)
     assert order(0, 1) != order(1, 1)
     # Buckets are interleaved, not trained one after another.
-    first_buckets = [BUCKETS[batch[0]] for batch in BucketBatchSampler(BUCKETS, 2, 0).epoch_batches(1)]
+    first_buckets = [BUCKETS[batch[0]] for batch in BucketBatches(BUCKETS, 2, 0).epoch_batches(1)]
     changes = sum(a != b for a, b in zip(first_buckets, first_buckets[1:]))
     assert changes >= 3
 
 
 def test_iterating_again_moves_to_the_next_epoch():
-    sampler = BucketBatchSampler(BUCKETS, batch_size=2, seed=0)
+    sampler = BucketBatches(BUCKETS, batch_size=2, seed=0)
     first, second = list(sampler), list(sampler)
     assert {epoch for batch in first for _, epoch in batch} == {1}
     assert {epoch for batch in second for _, epoch in batch} == {2}
@@ -125,7 +125,7 @@ def test_iterating_again_moves_to_the_next_epoch():
 def test_processes_share_an_epoch_evenly_without_mixing_buckets():
     shards = []
     for rank in range(4):
-        sampler = BucketBatchSampler(BUCKETS, batch_size=2, seed=0, num_processes=4, process_index=rank)
+        sampler = BucketBatches(BUCKETS, batch_size=2, seed=0, num_processes=4, process_index=rank)
         shards.append(list(sampler))
     assert {len(shard) for shard in shards} == {3}  # 9 batches padded to 12 so every process steps alike
     seen = {index for shard in shards for batch in shard for index, _ in batch}

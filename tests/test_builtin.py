@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from lora_trainer.builtin import build_tiny_sdxl, make_tiny_tokenizers
-from lora_trainer.config import ModelConfig
-from lora_trainer.models import load_text_encoders, load_unet, model_location
+from lora_trainer.config.model import ModelConfig
+from lora_trainer.model.builtin import build_tiny_sdxl, make_tiny_tokenizers
+from lora_trainer.model.parts import load_sdxl
+from lora_trainer.model.sources import model_location
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +56,13 @@ def test_builtin_reference_resolves_to_an_ordinary_diffusers_folder(tiny_model_p
 
 
 def test_unet_has_sdxls_layout(tiny_model_path):
-    unet = load_unet(ModelConfig(pretrained="builtin:tiny-sdxl"))
-    config = unet.config
+    parts = load_sdxl(ModelConfig(pretrained="builtin:tiny-sdxl"))
+    config = parts.unet.config
     assert config.addition_embed_type == "text_time"
     assert list(config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     assert list(config.up_block_types) == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
     assert config.layers_per_block == 2
-    text = load_text_encoders(ModelConfig(pretrained="builtin:tiny-sdxl"))
+    text = parts.text
     widths = text.text_encoder_1.config.hidden_size + text.text_encoder_2.config.hidden_size
     assert config.cross_attention_dim == widths
     assert config.projection_class_embeddings_input_dim == text.text_encoder_2.config.projection_dim + 6 * config.addition_time_embed_dim
@@ -80,7 +81,7 @@ def test_the_build_is_deterministic(tiny_model_path, tmp_path):
 
 
 def test_the_shipped_shapes_base_is_a_small_fp16_sdxl_folder():
-    from lora_trainer.builtin import PRETRAINED_FOLDER
+    from lora_trainer.model.builtin import PRETRAINED_FOLDER
 
     folder = PRETRAINED_FOLDER / "shapes-sdxl"
     assert model_location("builtin:shapes-sdxl") == str(folder)
@@ -91,13 +92,13 @@ def test_the_shipped_shapes_base_is_a_small_fp16_sdxl_folder():
     from safetensors.torch import load_file
 
     assert {tensor.dtype for path in weights for tensor in load_file(path).values()} == {torch.float16}
-    unet = load_unet(ModelConfig(pretrained="builtin:shapes-sdxl"))
+    unet = load_sdxl(ModelConfig(pretrained="builtin:shapes-sdxl")).unet
     assert unet.config.addition_embed_type == "text_time"
     assert "## How well it draws" in (folder / "README.md").read_text(encoding="utf-8")
 
 
 def test_the_shipped_tokenizers_give_the_quickstart_trigger_real_tokens():
-    text = load_text_encoders(ModelConfig(pretrained="builtin:shapes-sdxl"))
+    text = load_sdxl(ModelConfig(pretrained="builtin:shapes-sdxl")).text
     for tokenizer in (text.tokenizer_1, text.tokenizer_2):
         ids = tokenizer("a zqx circle").input_ids
         assert tokenizer.eos_token_id not in ids[1:-1], "zqx would fall back to the end token"
@@ -105,8 +106,8 @@ def test_the_shipped_tokenizers_give_the_quickstart_trigger_real_tokens():
 
 
 def test_a_missing_shipped_base_is_one_line_naming_the_field(monkeypatch, tmp_path):
-    from lora_trainer import builtin
     from lora_trainer.errors import UserError
+    from lora_trainer.model import builtin
 
     monkeypatch.setattr(builtin, "PRETRAINED_FOLDER", tmp_path)
     with pytest.raises(UserError, match=r"^model.pretrained: builtin:shapes-sdxl is missing from .*reinstall"):

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_trainer.config import DatasetConfig
+from lora_trainer.cache.training_data import TrainingItem
+from lora_trainer.config.data import DatasetConfig
 from lora_trainer.data.buckets import CropPlan
 from lora_trainer.data.captions import training_caption
-from lora_trainer.data.dataset import TrainingDataset, TrainingItem, epoch_items
+from lora_trainer.data.epochs import epoch_items
 from lora_trainer.data.records import ImageRecord, scan_datasets
+from lora_trainer.fit.loader import TrainingDataset
 
 TAGS = "a, b, c, d, e, f, g, h"
 
@@ -150,7 +152,7 @@ def test_dataset_items_draw_their_randomness_from_seed_epoch_and_index(tmp_path)
         rng.random()  # the flip draw comes first
         return training_caption(TAGS, dataset_options, rng)
 
-    dataset.items = [TrainingItem(entry.record, entry.plan, upright=_Fake("up"), mirrored=_Fake("mirror"))]
+    dataset.items = [TrainingItem(entry.record, entry.plan, latent=_Fake("up"), flipped_latent=_Fake("mirror"))]
     first, again, later = dataset[(0, 1)], dataset[(0, 1)], [dataset[(0, epoch)] for epoch in range(2, 40)]
     assert first["caption"] == again["caption"] == caption(1)
     assert len({example["caption"] for example in later}) > 10
@@ -166,9 +168,9 @@ class _Fake:
 
 
 def test_a_kohya_option_name_points_to_ours(raw_config):
-    from lora_trainer.config import validate_config
+    from lora_trainer.config.load import parse_config
     from lora_trainer.errors import ConfigError
 
     raw_config["datasets"][0]["shuffle_caption"] = True
     with pytest.raises(ConfigError, match=r"datasets\.0\.shuffle_caption: unknown field 'shuffle_caption'; kohya's shuffle_caption is datasets\.N\.shuffle_tags"):
-        validate_config(raw_config)
+        parse_config(raw_config)

@@ -9,7 +9,8 @@ import pytest
 import yaml
 from conftest import REPO, run_cli, write_yaml
 
-from lora_trainer.config import Config, dump_config, load_config, validate_config
+from lora_trainer.config.load import dump_config, load_config, parse_config
+from lora_trainer.config.schema import Config
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -28,7 +29,7 @@ def test_shipped_config_validates(path, monkeypatch):
 
 
 def test_defaults_are_what_an_sdxl_lora_user_expects(raw_config):
-    config = validate_config({"model": raw_config["model"], "datasets": raw_config["datasets"]})
+    config = parse_config({"model": raw_config["model"], "datasets": raw_config["datasets"]})
     assert (config.network.rank, config.network.alpha) == (32, 16.0)
     assert config.data.resolution == 1024
     assert config.training.optimizer == "adamw"
@@ -41,20 +42,20 @@ def test_defaults_are_what_an_sdxl_lora_user_expects(raw_config):
 
 
 def test_resolved_config_round_trips(raw_config, tmp_path):
-    config = validate_config(raw_config)
-    again = validate_config(yaml.safe_load(dump_config(config)))
+    config = parse_config(raw_config)
+    again = parse_config(yaml.safe_load(dump_config(config)))
     assert again == config
 
 
 def test_config_is_frozen(raw_config):
-    config = validate_config(raw_config)
+    config = parse_config(raw_config)
     with pytest.raises(Exception):
         config.network.rank = 3
 
 
 def test_kohya_optimizer_spelling_is_accepted(raw_config):
     raw_config["training"]["optimizer"] = "AdamW8bit"
-    assert validate_config(raw_config).training.optimizer == "adamw8bit"
+    assert parse_config(raw_config).training.optimizer == "adamw8bit"
 
 
 def _with(raw: dict, dotted: str, value) -> dict:
@@ -79,7 +80,7 @@ BAD_VALUES = [
     ("training.lr_warmup_steps", 10, "training.lr_warmup_steps: 10 warmup steps need a schedule that warms up"),
     ("training.batch_size", 0, "training.batch_size: must be a positive integer, got 0"),
     ("training.gradient_checkpointing", "maybe", "training.gradient_checkpointing: must be true or false, got 'maybe'"),
-    ("training.betas", [0.9, 1.5], "training.betas: must be two numbers in [0, 1), got [0.9, 1.5]"),
+    ("training.adam_betas", [0.9, 1.5], "training.adam_betas: must be two numbers in [0, 1), got [0.9, 1.5]"),
     ("data.resolution", 1000, "data.resolution: must be a multiple of 64 (SDXL's UNet needs it), got 1000"),
     ("datasets.0.path", "/no/such/folder", "datasets.0.path: folder not found: /no/such/folder"),
     ("datasets.0.repeats", 0, "datasets.0.repeats: must be a positive integer, got 0"),
@@ -89,6 +90,9 @@ BAD_VALUES = [
     ("model.prediction_type", "x0", "model.prediction_type: must be one of epsilon or v_prediction, got 'x0'"),
     ("output.name", "a/b", "output.name: must be a plain file name"),
     ("output.save_every_n_epochs", -1, "output.save_every_n_epochs: must be a positive integer, got -1"),
+    ("sample.cfg_scale", 4, "sample.cfg_scale: unknown field 'cfg_scale'; it was renamed to sample.guidance_scale"),
+    ("training.betas", [0.9, 0.99], "training.betas: unknown field 'betas'; it was renamed to training.adam_betas"),
+    ("training.epsilon", 1e-6, "training.epsilon: unknown field 'epsilon'; it was renamed to training.adam_epsilon"),
 ]
 
 
@@ -151,10 +155,10 @@ def test_bad_override_exits_2(raw_config, tmp_path, capsys):
 
 def test_override_reaches_the_config(raw_config, tmp_path):
     path = write_yaml(tmp_path / "c.yaml", raw_config)
-    config = load_config(path, ["datasets.0.repeats=5", "network.rank=16", "training.betas=[0.8, 0.9]", "model.vae=null"])
+    config = load_config(path, ["datasets.0.repeats=5", "network.rank=16", "training.adam_betas=[0.8, 0.9]", "model.vae=null"])
     assert config.datasets[0].repeats == 5
     assert config.network.rank == 16
-    assert config.training.betas == (0.8, 0.9)
+    assert config.training.adam_betas == (0.8, 0.9)
 
 
 def test_a_real_process_prints_no_traceback(raw_config, tmp_path):

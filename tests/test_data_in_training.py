@@ -9,19 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MIXED_SHAPES, run_cli, train_in_process, write_yaml
+from conftest import MIXED_SHAPES, copy_examples, run_cli, train_in_process, write_yaml
 from PIL import Image
 
-from lora_trainer.lora_io import read_lora_file
-
-
-def copy_examples(folder: Path, count: int) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    images = sorted(MIXED_SHAPES.glob("*.png"))[:count]
-    for image in images:
-        shutil.copy(image, folder / image.name)
-        shutil.copy(image.with_suffix(".txt"), folder / f"{image.stem}.txt")
-    return [folder / image.name for image in images]
+from lora_trainer.export.lora_file import read_lora_file
 
 
 def test_bad_files_are_skipped_listed_and_the_rest_trains(raw_config, tmp_path, capsys):
@@ -71,7 +62,7 @@ def test_mixed_aspect_ratios_train_in_their_own_buckets(raw_config, tmp_path, ca
     raw_config["data"].update(resolution=64, bucket_step=32)
     raw_config["training"].update(max_steps=None, epochs=2, batch_size=2)
     seen_shapes, originals = [], set()
-    import lora_trainer.step as step_module
+    import lora_trainer.fit.step as step_module
 
     real = step_module.training_step
 
@@ -80,7 +71,7 @@ def test_mixed_aspect_ratios_train_in_their_own_buckets(raw_config, tmp_path, ca
         originals.update(tuple(row) for row in batch["time_ids"][:, :2].int().tolist())
         return real(unet, encode, scheduler, batch, noise, timesteps)
 
-    import lora_trainer.train as train_module
+    import lora_trainer.fit.loop as train_module
 
     train_module.training_step, saved = spy, train_module.training_step
     try:
@@ -130,9 +121,9 @@ def frozen_text_config(raw_config: dict) -> dict:
 
 def test_frozen_text_encoders_read_embeddings_from_the_disk_cache(raw_config, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="lora_trainer")
-    from lora_trainer.conditioning import live_caption_encoder
-    from lora_trainer.config import ModelConfig
-    from lora_trainer.models import load_text_encoders
+    from lora_trainer.config.model import ModelConfig
+    from lora_trainer.model.conditioning import live_caption_encoder
+    from lora_trainer.model.parts import load_sdxl
 
     raw = frozen_text_config(raw_config)
     raw["datasets"][0].update(caption_dropout=0.5, caption_prefix="zqx")
@@ -141,7 +132,7 @@ def test_frozen_text_encoders_read_embeddings_from_the_disk_cache(raw_config, tm
     assert len(files) == 12 + 1  # one per distinct caption, and the empty one for caption dropout
     assert "text embeddings: 0 reused, 13 encoded" in caplog.text
 
-    text = load_text_encoders(ModelConfig(pretrained="builtin:tiny-sdxl"))
+    text = load_sdxl(ModelConfig(pretrained="builtin:tiny-sdxl")).text
     live = live_caption_encoder(text.tokenizer_1, text.tokenizer_2, text.text_encoder_1, text.text_encoder_2, torch.device("cpu"))
     captions = ["zqx lts_shapes, a blue square, white background", ""]
     with torch.no_grad():

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 from conftest import REPO
 
-from lora_trainer.config_reference import render
+from lora_trainer.config.reference import render
 
 
 def test_config_reference_is_up_to_date():
     committed = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
-    assert committed == render(), "regenerate: python -m lora_trainer.config_reference > docs/config.md"
+    assert committed == render(), "regenerate: python -m lora_trainer.config.reference > docs/config.md"
 
 
 def test_every_config_field_is_documented():
-    from lora_trainer.config import Config
+    from lora_trainer.config.sample_command import SampleCommand
+    from lora_trainer.config.schema import Config
 
     for section in Config.model_fields.values():
         assert section.description
-    for name in ("ModelConfig", "DatasetConfig", "DataConfig", "NetworkConfig", "TrainingConfig", "OutputConfig"):
-        model = getattr(__import__("lora_trainer.config", fromlist=[name]), name)
+    sections = [SampleCommand]  # the sample command's own options, whose docstrings are their --help
+    for name in ("ModelConfig", "DatasetConfig", "DataConfig", "NetworkConfig", "TrainingConfig", "OutputConfig", "SampleConfig", "ValidationConfig"):
+        sections.append(getattr(__import__("lora_trainer.config.schema", fromlist=[name]), name))
+    for model in sections:
+        name = model.__name__
         missing = [field for field, info in model.model_fields.items() if not info.description]
         assert not missing, f"{name} fields without a docstring: {missing}"
 

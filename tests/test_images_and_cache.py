@@ -11,11 +11,12 @@ import torch
 from conftest import MIXED_SHAPES
 from PIL import Image
 
-from lora_trainer.config import validate_config
+from lora_trainer.cache.latents import open_latent_cache
+from lora_trainer.cache.training_data import prepare_training_data
+from lora_trainer.config.load import parse_config
 from lora_trainer.data.buckets import CropPlan
 from lora_trainer.data.images import UnreadableImage, apply_plan, load_rgb
-from lora_trainer.data.pipeline import prepare_training_data
-from lora_trainer.models import load_vae
+from lora_trainer.model.parts import load_sdxl
 
 CPU = torch.device("cpu")
 
@@ -60,17 +61,22 @@ def dataset_copy(tmp_path):
 def config_on(raw_config, tmp_path):
     def make(folder, **data):
         raw = {**raw_config, "datasets": [{"path": str(folder)}], "data": {**raw_config["data"], **data}}
-        return validate_config(raw)
+        return parse_config(raw)
 
     return make
 
 
-def prepare(config):
-    return prepare_training_data(config, CPU, lambda: load_vae(config.model), show_progress=False)
+def load_vae(model):
+    return load_sdxl(model).vae
+
+
+def prepare(config, vae=None):
+    vae = vae if vae is not None else load_vae(config.model)
+    return prepare_training_data(config, open_latent_cache(config, vae), CPU, show_progress=False)
 
 
 def paths_by_image(data) -> dict[str, str]:
-    return {item.record.image_path.name: item.upright.path for item in data.items}
+    return {item.record.image_path.name: item.latent.path for item in data.items}
 
 
 def test_a_second_run_encodes_nothing_and_a_touch_is_not_an_edit(dataset_copy, config_on):
@@ -106,7 +112,7 @@ def test_resolution_or_vae_changes_re_encode_everything(dataset_copy, config_on,
     other_vae.save_pretrained(tmp_path / "other-vae")
     raw = config.model_dump(mode="json")
     raw["model"]["vae"] = str(tmp_path / "other-vae")
-    assert prepare(validate_config(raw)).latents.encoded == 12
+    assert prepare(parse_config(raw)).latents.encoded == 12
 
 
 def test_the_same_images_elsewhere_reuse_the_cache(dataset_copy, config_on, tmp_path):
@@ -119,9 +125,9 @@ def test_the_same_images_elsewhere_reuse_the_cache(dataset_copy, config_on, tmp_
 @pytest.mark.parametrize("damage", ["truncate", "flip a byte"])
 def test_a_damaged_cache_file_is_reported_and_encoded_again(dataset_copy, config_on, damage, caplog):
     config = config_on(dataset_copy)
-    path = prepare(config).items[0].upright.path
+    path = prepare(config).items[0].latent.path
     # A copy: safetensors maps the file, and the damage below rewrites it in place.
-    content, latents = path.read_bytes(), prepare(config).items[0].upright.load().clone()
+    content, latents = path.read_bytes(), prepare(config).items[0].latent.load().clone()
     if damage == "truncate":
         path.write_bytes(content[: len(content) // 2])
     else:
@@ -130,7 +136,7 @@ def test_a_damaged_cache_file_is_reported_and_encoded_again(dataset_copy, config
     assert data.latents.repaired == [path] and data.latents.encoded == 1
     assert f"damaged latent cache file {path}" in caplog.text
     # Encoded again it is the same sample (seeded by its key), up to batch-size rounding in the VAE's kernels.
-    torch.testing.assert_close(data.items[0].upright.load(), latents, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(data.items[0].latent.load(), latents, rtol=1e-4, atol=1e-5)
 
 
 def test_cached_latents_equal_a_fresh_vae_encode(dataset_copy, config_on):
@@ -146,10 +152,10 @@ def test_cached_latents_equal_a_fresh_vae_encode(dataset_copy, config_on):
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
         with torch.no_grad():
             distribution = vae.encode(pixels).latent_dist
-        latents = item.upright.load()
+        latents = item.latent.load()
         assert latents.shape == distribution.mean[0].shape and latents.dtype == torch.float32
         # A posterior sample whose noise is seeded by the entry's key (its file name), so it can be redrawn here.
-        key = item.upright.path.stem
+        key = item.latent.path.stem
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(int(key[:15], 16)))
         expected = (distribution.mean[0] + distribution.std[0] * noise) * vae.config.scaling_factor
         torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
@@ -157,17 +163,17 @@ def test_cached_latents_equal_a_fresh_vae_encode(dataset_copy, config_on):
 
 def test_flip_aug_caches_both_orientations(dataset_copy, config_on, raw_config):
     raw = {**raw_config, "datasets": [{"path": str(dataset_copy), "flip_aug": True}]}
-    data = prepare(validate_config(raw))
+    data = prepare(parse_config(raw))
     assert data.latents.encoded == 24
-    vae = load_vae(validate_config(raw).model)
+    vae = load_vae(parse_config(raw).model)
     item = data.items[1]
     mirrored_pixels = apply_plan(load_rgb(item.record.image_path), item.plan, flip=True)
     pixels = torch.from_numpy(np.asarray(mirrored_pixels, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
     with torch.no_grad():
         distribution = vae.encode(pixels).latent_dist
-    z = (item.mirrored.load() / vae.config.scaling_factor - distribution.mean[0]) / distribution.std[0]
+    z = (item.flipped_latent.load() / vae.config.scaling_factor - distribution.mean[0]) / distribution.std[0]
     assert z.abs().max() < 6 and 0.6 < z.std() < 1.4
-    assert item.mirrored.path != item.upright.path
+    assert item.flipped_latent.path != item.latent.path
 
 
 def test_nan_latents_are_refused_naming_the_image(dataset_copy, config_on, monkeypatch):
@@ -178,16 +184,16 @@ def test_nan_latents_are_refused_naming_the_image(dataset_copy, config_on, monke
     with torch.no_grad():
         vae.quant_conv.bias.fill_(float("nan"))
     with pytest.raises(UserError, match=r"00_red_circle\.png: the VAE produced NaN"):
-        prepare_training_data(config, CPU, lambda: vae, show_progress=False)
+        prepare(config, vae)
     assert not list((config.cache_dir / "latents").glob("*/*.safetensors"))
 
 
 def test_cache_files_are_written_under_a_temporary_name(dataset_copy, config_on, monkeypatch):
-    import lora_trainer.data.cache as cache_module
+    import lora_trainer.cache.latents as cache_module
 
     written = []
     real = cache_module.write_bytes_atomic
     monkeypatch.setattr(cache_module, "write_bytes_atomic", lambda path, data: written.append(path) or real(path, data))
     data = prepare(config_on(dataset_copy))
-    assert sorted(written) == sorted(item.upright.path for item in data.items)
-    assert not list(data.items[0].upright.path.parent.parent.glob("*/*.tmp"))
+    assert sorted(written) == sorted(item.latent.path for item in data.items)
+    assert not list(data.items[0].latent.path.parent.parent.glob("*/*.tmp"))

@@ -1,7 +1,7 @@
 """On SDXL's real architecture (built on the meta device, no weights), the names we write are kohya's own.
 
-`../shared/data/kohya_sdxl_lora_names.json` was produced by running kohya sd-scripts' network
-builder on SDXL; it lists every module name and the shape of the layer it wraps.
+`tests/data/kohya_sdxl_lora_names.json` was produced by running kohya sd-scripts' network builder on
+SDXL (tests/data/README.md says how); it lists every module name and the shape of the layer it wraps.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED
+from conftest import REPO
 
-from lora_trainer.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers
-from lora_trainer.lora_io import kohya_module_name
-from lora_trainer.sdxl_configs import CLIP_BIGG, CLIP_L, SDXL_UNET
-from lora_trainer.unet_names import ldm_module_path
+from lora_trainer.adapters.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers
+from lora_trainer.export.kohya_names import kohya_module_name
+from lora_trainer.export.ldm_names import ldm_module_path
+from lora_trainer.model.sdxl_architecture import CLIP_BIGG, CLIP_L, SDXL_UNET
 
-KOHYA = json.loads((SHARED / "data" / "kohya_sdxl_lora_names.json").read_text())
+KOHYA = json.loads((REPO / "tests" / "data" / "kohya_sdxl_lora_names.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,12 @@ import pytest
 import torch
 from conftest import MIXED_SHAPES
 
-from lora_trainer.config import validate_config
-from lora_trainer.data.dataset import collate
-from lora_trainer.objective import draw_noise_and_timesteps
-from lora_trainer.step import training_step
-from lora_trainer.train import fit, setup
+from lora_trainer.config.load import parse_config
+from lora_trainer.fit.loader import collate
+from lora_trainer.fit.loop import fit
+from lora_trainer.fit.objective import draw_noise_and_timesteps
+from lora_trainer.fit.setup import setup
+from lora_trainer.fit.step import training_step
 
 pytestmark = pytest.mark.learning
 SEEDS = (0, 1, 2, 3, 4)
@@ -44,7 +45,7 @@ def fixed_noise_loss(run, draws: int = 4) -> float:
 
 
 def relative_drop(seed: int, tmp_path) -> float:
-    config = validate_config(
+    config = parse_config(
         {
             "model": {"pretrained": "builtin:tiny-sdxl"},
             "datasets": [{"path": str(MIXED_SHAPES)}],

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from lora_trainer.config.overrides import apply_overrides, parse_override
 from lora_trainer.errors import ConfigError
-from lora_trainer.overrides import apply_overrides, parse_override
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,14 @@ import pytest
 import torch
 from conftest import train_in_process
 
-from lora_trainer.config import ModelConfig, TrainingConfig
+from lora_trainer.adapters.lora import UNET_TARGETS, attach_lora, lora_parameters
+from lora_trainer.config.model import ModelConfig
+from lora_trainer.config.training import TrainingConfig
 from lora_trainer.errors import ConfigError
-from lora_trainer.lora import UNET_TARGETS, attach_lora, lora_parameters
-from lora_trainer.lora_io import read_lora_file
-from lora_trainer.models import load_unet
-from lora_trainer.optim import make_lr_scheduler, make_optimizer
-from lora_trainer.precision import resolve_mixed_precision
+from lora_trainer.export.lora_file import read_lora_file
+from lora_trainer.fit.optim import make_lr_scheduler, make_optimizer
+from lora_trainer.model.parts import load_sdxl
+from lora_trainer.model.precision import resolve_mixed_precision
 
 
 @pytest.mark.parametrize(
@@ -31,7 +32,7 @@ def test_fp16_without_a_gpu_is_a_config_error(monkeypatch):
 
 
 def test_adapters_stay_fp32_on_half_precision_base_weights(tiny_model_path):
-    unet = load_unet(ModelConfig(pretrained="builtin:tiny-sdxl")).to(torch.bfloat16)
+    unet = load_sdxl(ModelConfig(pretrained="builtin:tiny-sdxl")).unet.to(torch.bfloat16)
     attach_lora(unet, UNET_TARGETS, rank=4, alpha=4)
     adapters = lora_parameters(unet)
     assert adapters and all(p.dtype == torch.float32 and p.requires_grad for p in adapters)
@@ -99,29 +100,28 @@ def test_warmup_ramps_the_learning_rate():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_path):
-    from lora_trainer.conditioning import live_caption_encoder
-    from lora_trainer.lora import TEXT_ENCODER_TARGETS, lora_layers
-    from lora_trainer.models import load_noise_scheduler, load_text_encoders
-    from lora_trainer.step import training_step
-    from lora_trainer.train import _enable_gradient_checkpointing
+    from lora_trainer.adapters.lora import TEXT_ENCODER_TARGETS, lora_layers
+    from lora_trainer.fit.setup import enable_gradient_checkpointing
+    from lora_trainer.fit.step import training_step
+    from lora_trainer.model.conditioning import live_caption_encoder
 
     def gradients(checkpointing: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
-        model = ModelConfig(pretrained="builtin:tiny-sdxl")
-        text, unet = load_text_encoders(model), load_unet(model)
+        model = load_sdxl(ModelConfig(pretrained="builtin:tiny-sdxl"))
+        text, unet = model.text, model.unet
         attach_lora(unet, UNET_TARGETS, 4, 4)
         attach_lora(text.text_encoder_2, TEXT_ENCODER_TARGETS, 4, 4)
         for layer in [*lora_layers(unet).values(), *lora_layers(text.text_encoder_2).values()]:
             torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
         parts = {"unet": unet, "text_encoder_1": text.text_encoder_1, "text_encoder_2": text.text_encoder_2}
         if checkpointing:
-            _enable_gradient_checkpointing(parts)
+            enable_gradient_checkpointing(parts)
         for part in parts.values():
             part.train()
         encode = live_caption_encoder(text.tokenizer_1, text.tokenizer_2, text.text_encoder_1, text.text_encoder_2, torch.device("cpu"))
         generator = torch.Generator().manual_seed(3)
         batch = {"latents": torch.randn(2, 4, 8, 8, generator=generator), "captions": ["a", "b c"], "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
-        loss = training_step(unet, encode, load_noise_scheduler(model), batch, torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([5, 500]))
+        loss = training_step(unet, encode, model.noise_scheduler, batch, torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([5, 500]))
         loss.backward()
         return [p.grad.clone() for p in lora_parameters(unet) + lora_parameters(text.text_encoder_2)]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from a1111_infotext import parse_parameters, read_generation_info, sampler_from_a1111
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -14,23 +15,11 @@ from diffusers import (
 from PIL import Image
 
 from lora_trainer import __version__
+from lora_trainer.config.prompts import PromptSpec, parse_prompt_line, read_prompts_file
+from lora_trainer.config.samplers import SAMPLER_NAMES, canonical_sampler
 from lora_trainer.errors import ConfigError
-from lora_trainer.png_info import (
-    GenerationInfo,
-    parameters_text,
-    parse_parameters,
-    png_bytes,
-    read_generation_info,
-    save_png,
-)
-from lora_trainer.prompts import PromptSpec, parse_prompt_line, read_prompts_file
-from lora_trainer.samplers import (
-    SAMPLER_NAMES,
-    a1111_label,
-    canonical_sampler,
-    make_scheduler,
-    sampler_from_a1111,
-)
+from lora_trainer.sampling.png_info import GenerationInfo, parameters_text, png_bytes, save_png
+from lora_trainer.sampling.schedulers import a1111_label, make_scheduler
 
 # SDXL base 1.0's scheduler config, written out so no model is needed.
 SDXL_SCHEDULER_CONFIG = {
@@ -107,9 +96,9 @@ def test_quoting(line, expected):
         ("a cat --h -64", "p:7: --h -64: width and height must be positive multiples of 8"),
         ("a cat --w 512.0", "p:7: --w 512.0: width and height must be positive multiples of 8"),
         ("a cat --s 0", "p:7: --s 0: steps must be a whole number of at least 1"),
-        ("a cat --l -1", "p:7: --l -1: the CFG scale must not be negative"),
-        ("a cat --l seven", "p:7: --l seven: the CFG scale must be a number"),
-        ("a cat --l inf", "p:7: --l inf: the CFG scale must be a number"),
+        ("a cat --l -1", "p:7: --l -1: the guidance scale must not be negative"),
+        ("a cat --l seven", "p:7: --l seven: the guidance scale must be a number"),
+        ("a cat --l inf", "p:7: --l inf: the guidance scale must be a number"),
         ("a cat --d 1.5", "p:7: --d 1.5: the seed must be a whole number"),
         ("a cat --d -1", "p:7: --d -1: the seed must be a whole number"),
         ("a cat --d 18446744073709551616", "p:7: --d 18446744073709551616: the seed must be a whole number from 0"),

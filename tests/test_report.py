@@ -13,9 +13,9 @@ from conftest import REPO
 from PIL import Image
 
 from lora_trainer.errors import UserError
-from lora_trainer.history import RunHistory, SampleRecord, history_path
-from lora_trainer.plots import BEST_COLOR, HIGHLIGHT, moving_average, write_loss_curve
-from lora_trainer.report import NO_SAMPLES, NO_VALIDATION, write_report
+from lora_trainer.report.history import RunHistory, SampleRecord, history_path
+from lora_trainer.report.html import NO_SAMPLES, NO_VALIDATION, write_report
+from lora_trainer.report.plots import BEST_COLOR, HIGHLIGHT, moving_average, write_loss_curve
 
 NAME = "demo"
 PROMPTS = ["a <b>cat</b> & dog", "a house for $5 and $6"]
@@ -198,7 +198,7 @@ def test_missing_history_is_a_user_error(tmp_path):
 
 def test_report_imports_neither_torch_nor_pyplot(run_dir):
     script = (
-        "import sys; from pathlib import Path; from lora_trainer.report import write_report; "
+        "import sys; from pathlib import Path; from lora_trainer.report.html import write_report; "
         f"write_report(Path({str(run_dir)!r}), {NAME!r}); "
         "print(sorted(m for m in ('torch', 'diffusers', 'matplotlib.pyplot') if m in sys.modules))"
     )

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import MIXED_SHAPES, run_cli, small_raw_config, train_in_process, write_yaml
+from a1111_infotext import read_generation_info
+from conftest import copy_examples, run_cli, small_raw_config, train_in_process, write_yaml
 from PIL import Image
-
-from lora_trainer.png_info import read_generation_info
 
 SMALL = ["--steps", "2", "--width", "64", "--height", "64", "--model", "builtin:tiny-sdxl"]
 
@@ -85,7 +85,7 @@ def test_a_bad_prompts_file_names_the_line(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square --q 3\n", encoding="utf-8")
     code, _, err = run_cli(["sample", *SMALL, "--prompts-file", prompts], capsys)
-    assert code == 2 and err.startswith(f"error: {prompts}:3: unknown option --q")
+    assert code == 2 and err.startswith(f"error: --prompts-file: {prompts}:3: unknown option --q")
 
 
 def test_compare_draws_with_and_without_the_lora_side_by_side(lora_file, tmp_path, capsys):
@@ -102,6 +102,53 @@ def test_sample_option_errors(tmp_path, capsys):
     assert code == 2 and "--sampler: unknown sampler 'plms'" in err
     code, _, err = run_cli(["sample", *SMALL], capsys)
     assert code == 2 and "--prompt: give at least one --prompt or a --prompts-file" in err
+    code, _, err = run_cli(["sample", *SMALL, "--prompt", "a", "--steps", "0"], capsys)
+    assert code == 2 and err.strip() == "error: --steps: must be a positive integer, got '0'"
+    code, _, err = run_cli(["sample", *SMALL, "--prompt", "a", "--cfg", "4"], capsys)
+    assert code == 2 and err.strip() == "error: --cfg: renamed to --guidance-scale; give --guidance-scale instead"
+
+
+def small_lora_config(small_lora_file, tmp_path, **sample) -> Path:
+    """The config that trained the session's small LoRA, with a sample section, as a YAML file."""
+    folder = small_lora_file.parent.parent
+    raw = small_raw_config(folder)
+    raw["training"].update(max_steps=4, learning_rate=5e-2)
+    raw["sample"] = {"prompts": ["a red circle --d 4"], "steps": 2, **sample}
+    return write_yaml(tmp_path / "trained.yaml", raw)
+
+
+def test_sample_with_the_config_draws_its_prompts_with_the_lora_it_trained(small_lora_file, tmp_path, capsys):
+    config = small_lora_config(small_lora_file, tmp_path)
+    code, out, err = run_cli(["sample", "--config", config, "--compare", "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    paths = [line for line in out.splitlines() if line]
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["00-a-red-circle-seed4.png", "00-a-red-circle-seed4-compare.png"]
+    with_lora, without = pixels(paths[0]), pixels(tmp_path / "out" / "00-a-red-circle-seed4-base.png")
+    assert with_lora.shape == (64, 64, 3)  # the config's training resolution
+    assert np.abs(with_lora - without).mean() > 1  # two different images: the config's LoRA is on
+    assert read_generation_info(paths[0]).loras == ((small_lora_file.stem, 1.0),)
+    assert read_generation_info(tmp_path / "out" / "00-a-red-circle-seed4-base.png").loras == ()
+
+
+def test_sample_options_override_the_config(small_lora_file, tmp_path, capsys):
+    config = small_lora_config(small_lora_file, tmp_path)
+    code, out, err = run_cli(["sample", "--config", config, "--prompt", "a blue square", "--steps", "1", "--width", "96",
+                              "--lora", f"{small_lora_file}:0.5", "--out", tmp_path], capsys)
+    assert code == 0, err
+    [path] = [line for line in out.splitlines() if line]
+    info = read_generation_info(path)
+    assert (info.prompt, info.steps, info.width, info.height, info.loras) == ("a blue square", 1, 96, 64, ((small_lora_file.stem, 0.5),))
+    code, _, err = run_cli(["sample", "--config", config, "--model", "builtin:tiny-sdxl"], capsys)
+    assert code == 2 and err.strip() == "error: --model: give either --model or --config, not both"
+
+
+def test_sample_with_a_config_that_has_not_trained_yet_says_so(tmp_path, capsys):
+    raw = small_raw_config(tmp_path)
+    raw["sample"] = {"prompts": ["a red circle"]}
+    config = write_yaml(tmp_path / "fresh.yaml", raw)
+    code, _, err = run_cli(["sample", "--config", config], capsys)
+    lora = tmp_path / "out" / "test_lora.safetensors"
+    assert code == 2 and err.strip() == f"error: --config: {config} trains {lora}, which is not there yet; train it first or give --lora"
 
 
 def training_config(tmp_path, **sample) -> dict:
@@ -136,53 +183,57 @@ def test_training_samples_every_epoch_and_writes_the_report(tiny_model_path, tmp
 
 
 def test_validation_loss_is_the_same_when_recomputed_from_the_saved_files(tiny_model_path, tmp_path):
-    from lora_trainer.conditioning import live_caption_encoder
-    from lora_trainer.config import ModelConfig
-    from lora_trainer.lora_io import load_lora_into, read_lora_file
-    from lora_trainer.models import load_text_encoders, load_unet
-    from lora_trainer.validation import validation_loss
+    from lora_trainer.config.model import ModelConfig
+    from lora_trainer.export.load import load_loras_into
+    from lora_trainer.export.lora_file import read_lora_file
+    from lora_trainer.fit.validation import validation_loss
+    from lora_trainer.model.conditioning import live_caption_encoder
+    from lora_trainer.model.parts import load_sdxl
 
     raw = training_config(tmp_path)
     raw.pop("sample")
     run, _ = train_in_process(raw)
-    assert len(run.validation.items) == 3 and len(run.dataloader.dataset) == 9  # 12 images, a quarter held out
+    validation = run.evaluator.validation
+    assert len(validation.items) == 3 and len(run.dataloader.dataset) == 9  # 12 images, a quarter held out
     history = json.loads((tmp_path / "out" / "test_lora-history.json").read_text())
     settings = run.config.validation
     for entry in history["epochs"]:
-        model = ModelConfig(pretrained="builtin:tiny-sdxl")
-        unet, text = load_unet(model), load_text_encoders(model)
+        parts = load_sdxl(ModelConfig(pretrained="builtin:tiny-sdxl"))
+        unet, text = parts.unet, parts.text
         if entry["lora_file"]:
-            parts = {"unet": unet, "text_encoder_1": text.text_encoder_1, "text_encoder_2": text.text_encoder_2}
-            load_lora_into(parts, read_lora_file(tmp_path / "out" / entry["lora_file"]))
+            path = tmp_path / "out" / entry["lora_file"]
+            load_loras_into(parts.lora_targets(), [(read_lora_file(path), 1.0, str(path))])
         for part in (unet, text.text_encoder_1, text.text_encoder_2):
             part.eval()
         encode = live_caption_encoder(text.tokenizer_1, text.tokenizer_2, text.text_encoder_1, text.text_encoder_2, torch.device("cpu"))
-        again = validation_loss(unet, encode, run.noise_scheduler, run.validation, settings.timesteps, settings.seed, torch.device("cpu"))
+        again = validation_loss(unet, encode, run.noise_scheduler, validation, settings.timesteps, settings.seed, torch.device("cpu"))
         assert again == pytest.approx(entry["validation_loss"], rel=1e-5), entry
     losses = [entry["validation_loss"] for entry in history["epochs"]]
     assert len(set(losses)) == 3  # the LoRA changed between evaluations
 
 
 def test_a_sampling_round_hands_the_models_back_as_it_found_them(tiny_model_path, tmp_path):
-    from lora_trainer.config import validate_config
-    from lora_trainer.train import setup
+    from lora_trainer.config.load import parse_config
+    from lora_trainer.fit.setup import setup
 
     raw = training_config(tmp_path)
     raw["training"]["mixed_precision"] = "bf16"  # half-precision base weights beside fp32 adapters
     raw["network"]["train_text_encoder_2"] = False
-    run = setup(validate_config(raw))
+    run = setup(parse_config(raw))
     try:
-        models = {"unet": run.unet, "text_encoder_1": run.text.text_encoder_1, "text_encoder_2": run.text.text_encoder_2}
+        text = run.parts.text
+        models = {"unet": run.unet, "text_encoder_1": text.text_encoder_1, "text_encoder_2": text.text_encoder_2}
         for model in run.trained.values():
             model.train()  # as fit() leaves them between steps
         before = {name: ([p.dtype for p in model.parameters()], model.training) for name, model in models.items()}
         assert before["unet"][1] and not before["text_encoder_2"][1]
-        paths = run.sampler.draw_round(1, 0, None)
+        drawer = run.evaluator.drawer
+        paths = drawer.draw_round(1, 0, None)
         assert len(paths) == 2 and all(path.is_file() for path in paths)
         after = {name: ([p.dtype for p in model.parameters()], model.training) for name, model in models.items()}
         assert after == before
         assert {torch.bfloat16, torch.float32} <= set(after["unet"][0])
-        assert run.sampler.vae.device.type == "cpu"
+        assert drawer.vae.device.type == "cpu"
     finally:
         run.accelerator.end_training()
 
@@ -209,19 +260,14 @@ def test_a_bad_sample_prompt_in_the_config_names_it(raw_config, tmp_path, capsys
 
 
 def test_validation_on_a_separate_folder_keeps_every_training_image(tiny_model_path, tmp_path):
-    import shutil
-
     held_out = tmp_path / "held_out"
-    held_out.mkdir()
-    for image in sorted(MIXED_SHAPES.glob("*.png"))[:2]:
-        shutil.copy(image, held_out / image.name)
-        shutil.copy(image.with_suffix(".txt"), held_out / f"{image.stem}.txt")
+    copy_examples(held_out, 2)
     raw = training_config(tmp_path)
     raw.pop("sample")
     raw["training"]["epochs"] = 1
     raw["validation"] = {"path": str(held_out)}
     run, _ = train_in_process(raw)
-    assert len(run.dataloader.dataset) == 12 and len(run.validation.items) == 2
-    assert run.validation.captions[0] == (held_out / "00_red_circle.txt").read_text().strip()
+    assert len(run.dataloader.dataset) == 12 and len(run.evaluator.validation.items) == 2
+    assert run.evaluator.validation.captions[0] == (held_out / "00_red_circle.txt").read_text().strip()
     history = json.loads((tmp_path / "out" / "test_lora-history.json").read_text())
     assert [entry["epoch"] for entry in history["epochs"] if entry["validation_loss"]] == [0, 1]

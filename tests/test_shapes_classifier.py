@@ -42,7 +42,7 @@ def test_the_classifier_is_not_fooled_by_a_shifted_shade(colour):
 
 
 def test_the_trigger_word_is_made_of_real_tokens():
-    from lora_trainer.builtin import make_tiny_tokenizers
+    from lora_trainer.model.builtin import make_tiny_tokenizers
 
     for tokenizer in make_tiny_tokenizers():
         ids = tokenizer(make_example_dataset.TRIGGER, add_special_tokens=False).input_ids

@@ -9,9 +9,10 @@ import torch
 import yaml
 from conftest import MIXED_SHAPES, run_cli, train_in_process, write_yaml
 
-from lora_trainer.config import ModelConfig, validate_config
-from lora_trainer.lora import lora_layers
-from lora_trainer.lora_io import read_lora_file
+from lora_trainer.adapters.lora import lora_layers
+from lora_trainer.config.load import parse_config
+from lora_trainer.config.model import ModelConfig
+from lora_trainer.export.lora_file import read_lora_file
 
 
 def test_quickstart_runs_end_to_end_from_the_cli(quickstart_run):
@@ -24,7 +25,7 @@ def test_quickstart_runs_end_to_end_from_the_cli(quickstart_run):
     lora = read_lora_file(out / "quickstart.safetensors")
     assert {name.split("_")[1] for name in lora.weights} == {"unet", "te1", "te2"}
     assert (out / "quickstart-000002.safetensors").is_file()  # save_every_n_epochs: 2 of 4
-    saved_config = validate_config(yaml.safe_load((out / "quickstart.yaml").read_text()))
+    saved_config = parse_config(yaml.safe_load((out / "quickstart.yaml").read_text()))
     assert saved_config.training.mixed_precision == "no"  # resolved, never "auto"
     assert saved_config.output.dir == out
     events = list((out / "logs").rglob("events.out.tfevents.*"))
@@ -75,10 +76,9 @@ def test_with_one_part_switched_on_only_its_adapters_train(part, prefix, raw_con
     else:
         assert moved == set(lora.weights), "every adapter moved from its zero start"
     # Base weights never change: compare every non-adapter tensor with a fresh load.
-    from lora_trainer.models import load_text_encoders, load_unet
+    from lora_trainer.model.parts import load_sdxl
 
-    fresh_text = load_text_encoders(ModelConfig(pretrained="builtin:tiny-sdxl"))
-    fresh = {"unet": load_unet(ModelConfig(pretrained="builtin:tiny-sdxl")), "text_encoder_1": fresh_text.text_encoder_1, "text_encoder_2": fresh_text.text_encoder_2}
+    fresh = load_sdxl(ModelConfig(pretrained="builtin:tiny-sdxl")).lora_targets()
     trained = run.accelerator.unwrap_model(run.trained[part])
     for name, tensor in trained.state_dict().items():
         if "lora_" not in name:
@@ -87,7 +87,7 @@ def test_with_one_part_switched_on_only_its_adapters_train(part, prefix, raw_con
 
 
 def test_frozen_text_encoders_are_encoded_once_not_every_step(raw_config, monkeypatch):
-    import lora_trainer.conditioning as conditioning
+    import lora_trainer.model.conditioning as conditioning
 
     calls = []
     real = conditioning.encode_token_ids
@@ -114,7 +114,7 @@ def test_cache_latents_fills_the_cache_and_train_reuses_it(raw_config, tmp_path,
     assert len(cache_files) == 12
     assert "latents: 0 reused, 12 encoded" in out and f"cache: {tmp_path / 'cache'}" in out
 
-    import lora_trainer.data.cache as cache_module
+    import lora_trainer.cache.latents as cache_module
 
     def no_encoding(*_args, **_kwargs):
         raise AssertionError("an image was encoded although every latent was cached")
@@ -126,7 +126,7 @@ def test_cache_latents_fills_the_cache_and_train_reuses_it(raw_config, tmp_path,
 
 
 def test_an_exception_mid_epoch_leaves_no_half_written_file(raw_config, tmp_path, monkeypatch):
-    import lora_trainer.train as train_module
+    import lora_trainer.fit.loop as train_module
 
     raw_config["training"].update(max_steps=None, epochs=3)
     raw_config["output"]["save_every_n_epochs"] = 1
@@ -165,7 +165,7 @@ def test_a_crash_while_saving_keeps_the_previous_file_whole(raw_config, tmp_path
 
 
 def test_a_non_finite_loss_stops_with_a_message_and_saves_the_last_good_step(raw_config, tmp_path, capsys, monkeypatch):
-    import lora_trainer.train as train_module
+    import lora_trainer.fit.loop as train_module
 
     raw_config["training"]["max_steps"] = 10
     real_step, calls = train_module.training_step, []
@@ -226,7 +226,7 @@ def test_a_missing_tensorboard_is_an_error_not_a_silent_run(raw_config, tmp_path
 
 
 def test_running_out_of_gpu_memory_gives_advice(raw_config, tmp_path, capsys, monkeypatch):
-    import lora_trainer.train as train_module
+    import lora_trainer.fit.loop as train_module
 
     def out_of_memory(*_args, **_kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_trainer.conditioning import live_caption_encoder, time_ids
-from lora_trainer.config import ModelConfig
-from lora_trainer.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers
-from lora_trainer.models import load_noise_scheduler, load_text_encoders, load_unet
-from lora_trainer.objective import draw_noise_and_timesteps
-from lora_trainer.step import training_step
+from lora_trainer.adapters.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers
+from lora_trainer.config.model import ModelConfig
+from lora_trainer.fit.objective import draw_noise_and_timesteps
+from lora_trainer.fit.step import training_step
+from lora_trainer.model.conditioning import live_caption_encoder, time_ids
+from lora_trainer.model.parts import load_sdxl
 
 CAPTIONS = ["lts_shapes, a red circle, white background", "zqxj wearing a hat"]
 
@@ -24,9 +24,8 @@ CAPTIONS = ["lts_shapes, a red circle, white background", "zqxj wearing a hat"]
 @pytest.fixture(scope="module")
 def parts(tiny_model_path):
     torch.manual_seed(0)
-    model = ModelConfig(pretrained="builtin:tiny-sdxl")
-    text = load_text_encoders(model)
-    unet = load_unet(model)
+    parts = load_sdxl(ModelConfig(pretrained="builtin:tiny-sdxl"))
+    text, unet = parts.text, parts.unet
     attach_lora(unet, UNET_TARGETS, rank=4, alpha=2.0)
     attach_lora(text.text_encoder_1, TEXT_ENCODER_TARGETS, rank=4, alpha=2.0)
     attach_lora(text.text_encoder_2, TEXT_ENCODER_TARGETS, rank=4, alpha=2.0)
@@ -74,7 +73,7 @@ def _reference_loss(text, unet, latents, noise, timesteps, batch_time_ids, predi
 @pytest.mark.parametrize("loss_weights", [None, [1.0, 0.25]])
 def test_training_step_loss_matches_the_sdxl_formulas(parts, prediction_type, loss_weights):
     text, unet = parts
-    scheduler = load_noise_scheduler(ModelConfig(pretrained="builtin:tiny-sdxl", prediction_type=prediction_type))
+    scheduler = load_sdxl(ModelConfig(pretrained="builtin:tiny-sdxl", prediction_type=prediction_type)).noise_scheduler
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(2, 4, 8, 8, generator=generator)
     noise = torch.randn(2, 4, 8, 8, generator=generator)

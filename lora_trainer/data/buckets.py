@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lora_trainer.config import DataConfig
+from lora_trainer.config.data import DataConfig
+from lora_trainer.data.epochs import epoch_items
+from lora_trainer.data.records import BadFile, ImageRecord
 
 Size = tuple[int, int]  # (height, width), as SDXL's time_ids order them
 
@@ -32,10 +36,30 @@ class CropPlan:
     def with_crop(self, top: int, left: int) -> CropPlan:
         return CropPlan(self.original, self.resized, self.bucket, (top, left))
 
-    def mirrored(self) -> CropPlan:
+    def flipped(self) -> CropPlan:
         """The plan of the horizontally flipped image: the same window, seen from the other edge."""
         top, left = self.crop_top_left
         return self.with_crop(top, self.resized[1] - self.bucket[1] - left)
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """An image and the plan that cuts it to its bucket."""
+
+    record: ImageRecord
+    plan: CropPlan
+
+
+def plan_buckets(records: Sequence[ImageRecord], data: DataConfig) -> tuple[list[PlannedImage], list[BadFile]]:
+    """Every record with its bucket plan, and the images too small for any bucket."""
+    buckets = bucket_sizes(data.resolution, data.bucket_step, data.smallest_side, data.largest_side)
+    planned, too_small = [], []
+    for record in records:
+        try:
+            planned.append(PlannedImage(record, plan_for(record.size, buckets, data)))
+        except ImageTooSmall as error:
+            too_small.append(BadFile(record.image_path, f"{error}; use a larger image or lower data.min_bucket_side"))
+    return planned, too_small
 
 
 def bucket_sizes(resolution: int, step: int, min_side: int, max_side: int) -> list[Size]:
@@ -111,3 +135,13 @@ def _cover_and_center(bucket: Size, original: Size) -> CropPlan:
 
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
+
+
+def bucket_table(images: Sequence[PlannedImage], seed: int) -> str:
+    """Buckets by size with their image count and how many of them one epoch trains on (repeats and reg)."""
+    counts = Counter(image.plan.bucket for image in images)
+    per_epoch = Counter(image.plan.bucket for image in epoch_items(images, seed))
+    lines = [f"{'bucket (w x h)':>16}  {'aspect':>6}  {'images':>6}  {'per epoch':>9}"]
+    for height, width in sorted(counts, key=lambda size: size[1] / size[0]):
+        lines.append(f"{f'{width} x {height}':>16}  {width / height:6.2f}  {counts[(height, width)]:6d}  {per_epoch[(height, width)]:9d}")
+    return "\n".join(lines)

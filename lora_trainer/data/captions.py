@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from lora_trainer.config import DatasetConfig
+from lora_trainer.config.data import DatasetConfig
 
 
 def split_tags(caption: str, separator: str) -> list[str]:

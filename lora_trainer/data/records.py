@@ -14,8 +14,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from lora_trainer.config import IMAGE_EXTENSIONS, DatasetConfig
-from lora_trainer.errors import ConfigError
+from lora_trainer.config.data import IMAGE_EXTENSIONS, DatasetConfig
+from lora_trainer.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,14 @@ class ImageRecord:
 class BadFile:
     path: Path
     reason: str
+
+
+def stop_on_bad_files(bad: Sequence[BadFile]) -> None:
+    """Raise one error listing every bad file, if there are any (`data.on_bad_image: error`)."""
+    if bad:
+        lines = [f"{problem.path}: {problem.reason}" for problem in bad]
+        lines.append(f"{len(bad)} bad data files; fix or remove them, or set data.on_bad_image: skip to train without them")
+        raise UserError("\n".join(lines))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,38 @@
+"""Which parts of SDXL get adapters, on which layers, and which of their parameters train."""
+
+from __future__ import annotations
+
+import torch
+
+from lora_trainer.adapters.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers, lora_parameters
+from lora_trainer.config.network import NetworkConfig
+
+
+def attach_adapters(parts: dict[str, torch.nn.Module], network: NetworkConfig) -> dict[str, torch.nn.Module]:
+    """Attach LoRA to the parts (by part name) switched on in the config; return those parts by name."""
+    switched_on = {"unet": network.train_unet, "text_encoder_1": network.train_text_encoder_1, "text_encoder_2": network.train_text_encoder_2}
+    trained = {part: parts[part] for part, on in switched_on.items() if on}
+    for part, model in trained.items():
+        targets = UNET_TARGETS if part == "unet" else TEXT_ENCODER_TARGETS
+        attach_lora(model, targets, network.rank, network.alpha, network.dropout)
+    if "text_encoder_1" in trained:
+        _freeze_last_layer_adapters(trained["text_encoder_1"])
+    return trained
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [parameter for parameter in lora_parameters(model) if parameter.requires_grad]
+
+
+def _freeze_last_layer_adapters(text_encoder_1: torch.nn.Module) -> None:
+    """SDXL reads CLIP-L's penultimate layer, so the last layer's adapters can never get a gradient.
+
+    They stay in the file (kohya writes them too, as zeros) but do not train: an optimizer has nothing
+    to do there, and multi-GPU DDP fails on trainable parameters that no step uses.
+    """
+    last_layer = f"layers.{text_encoder_1.config.num_hidden_layers - 1}."
+    for name, layer in lora_layers(text_encoder_1).items():
+        if last_layer in name:
+            for parameter in layer.parameters():
+                if parameter.requires_grad:
+                    parameter.requires_grad_(False)

@@ -1,0 +1,119 @@
+"""The safetensors header metadata UIs read to classify and describe a LoRA (every value a string).
+
+Without `ss_base_model_version`, A1111 files a LoRA as SD1 and hides it next to an SDXL checkpoint;
+`modelspec.*` is Stability's model-spec that ComfyUI and others show.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from lora_trainer import __version__
+from lora_trainer.config.schema import Config
+from lora_trainer.data.buckets import PlannedImage
+from lora_trainer.data.captions import split_tags
+from lora_trainer.data.epochs import epoch_items
+from lora_trainer.data.records import Folder, ImageRecord
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the run stands when a file is saved."""
+
+    steps: int
+    epoch: int
+    started_at: datetime
+
+
+def lora_metadata(config: Config, images: Sequence[PlannedImage], folders: Sequence[Folder], progress: Progress) -> dict[str, str]:
+    """The metadata of a LoRA trained with `config` on `images` (from `folders`), saved at `progress`."""
+    network, training = config.network, config.training
+    resolution = config.data.resolution
+    records = [image.record for image in images]
+    text_encoder_lr = network.text_encoder_learning_rate or training.learning_rate
+    return {
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(network.rank),
+        "ss_network_alpha": str(float(network.alpha)),
+        "ss_network_args": json.dumps({}),
+        "ss_network_dropout": str(network.dropout),
+        "ss_v2": "False",
+        "ss_output_name": config.output.name,
+        "ss_sd_model_name": config.model.pretrained,
+        "ss_vae_name": config.model.vae or "",
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_num_train_images": str(sum(record.repeats for record in records if not record.is_reg)),
+        "ss_num_reg_images": str(sum(record.repeats for record in records if record.is_reg)),
+        "ss_tag_frequency": json.dumps(tag_frequency(records, config)),
+        "ss_dataset_dirs": json.dumps(dataset_dirs(records, folders, is_reg=False)),
+        "ss_reg_dataset_dirs": json.dumps(dataset_dirs(records, folders, is_reg=True)),
+        "ss_bucket_info": json.dumps(bucket_info(images, training.seed)) if config.data.buckets else "null",
+        "ss_enable_bucket": str(config.data.buckets),
+        "ss_min_bucket_reso": str(config.data.smallest_side),
+        "ss_max_bucket_reso": str(config.data.largest_side),
+        "ss_bucket_no_upscale": str(config.data.bucket_no_upscale),
+        "ss_flip_aug": str(any(dataset.flip_aug for dataset in config.datasets)),
+        "ss_random_crop": str(any(dataset.random_crop for dataset in config.datasets)),
+        "ss_shuffle_caption": str(any(dataset.shuffle_tags for dataset in config.datasets)),
+        "ss_keep_tokens": str(max(dataset.keep_tokens for dataset in config.datasets)),
+        "ss_caption_dropout_rate": str(max(dataset.caption_dropout for dataset in config.datasets)),
+        "ss_caption_tag_dropout_rate": str(max(dataset.tag_dropout for dataset in config.datasets)),
+        "ss_steps": str(progress.steps),
+        "ss_epoch": str(progress.epoch),
+        "ss_training_started_at": str(progress.started_at.timestamp()),
+        "ss_learning_rate": str(training.learning_rate),
+        "ss_unet_lr": str(training.learning_rate) if network.train_unet else "",
+        "ss_text_encoder_lr": str(text_encoder_lr) if network.trains_text_encoder else "",
+        "ss_optimizer": training.optimizer,
+        "ss_lr_scheduler": training.lr_scheduler,
+        "ss_lr_warmup_steps": str(training.lr_warmup_steps),
+        "ss_batch_size_per_device": str(training.batch_size),
+        "ss_gradient_accumulation_steps": str(training.gradient_accumulation_steps),
+        "ss_max_grad_norm": str(training.max_grad_norm),
+        "ss_seed": str(training.seed),
+        "ss_mixed_precision": training.mixed_precision,
+        "ss_prediction_type": config.model.prediction_type,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": config.output.name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "modelspec.prediction_type": "v" if config.model.prediction_type == "v_prediction" else "epsilon",
+        "lora_train_version": __version__,
+    }
+
+
+def tag_frequency(records: Sequence[ImageRecord], config: Config) -> dict[str, dict[str, int]]:
+    """Caption tags counted per image folder, as kohya writes `ss_tag_frequency` (which UIs show as the LoRA's tags)."""
+    frequency: dict[str, Counter[str]] = {}
+    for record in records:
+        separator = config.datasets[record.dataset_index].tag_separator
+        frequency.setdefault(record.folder, Counter()).update(split_tags(record.caption, separator))
+    return {folder: dict(counts) for folder, counts in frequency.items()}
+
+
+def dataset_dirs(records: Sequence[ImageRecord], folders: Sequence[Folder], is_reg: bool) -> dict[str, dict[str, int]]:
+    """Per folder: its repeats and usable images (kohya's `ss_dataset_dirs` / `ss_reg_dataset_dirs`)."""
+    counts = Counter(record.folder for record in records if record.is_reg == is_reg)
+    return {
+        folder.path.name: {"n_repeats": folder.repeats, "img_count": counts[folder.path.name]}
+        for folder in folders
+        if folder.path.name in counts
+    }
+
+
+def bucket_info(images: Sequence[PlannedImage], seed: int) -> dict:
+    """Bucket sizes (width, height) with the images one epoch trains on, and the mean aspect-ratio error."""
+    per_epoch = Counter(image.plan.bucket for image in epoch_items(images, seed))
+    buckets = sorted(per_epoch, key=lambda size: size[1] / size[0])
+    errors = [abs(image.plan.original[1] / image.plan.original[0] - image.plan.bucket[1] / image.plan.bucket[0]) for image in images]
+    return {
+        "buckets": {str(index): {"resolution": [size[1], size[0]], "count": per_epoch[size]} for index, size in enumerate(buckets)},
+        "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0,
+    }

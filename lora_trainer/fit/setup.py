@@ -1,0 +1,124 @@
+"""Everything a run needs before its first step, built from the config once.
+
+The model is loaded once (`load_sdxl`) and its parts are shared by the caches, training, validation and
+the sample images. Accelerate gets the parts it manages: the trained models, the optimizer, the schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from lora_trainer.adapters.wiring import attach_adapters
+from lora_trainer.cache.fill import FilledCaches, fill_caches
+from lora_trainer.cache.text import cached_caption_encoder
+from lora_trainer.config.schema import Config
+from lora_trainer.data.buckets import bucket_table
+from lora_trainer.fit.accelerator import start_accelerator, start_trackers
+from lora_trainer.fit.evaluate import Evaluator
+from lora_trainer.fit.loader import make_dataloader
+from lora_trainer.fit.optim import make_lr_scheduler, make_optimizer, parameter_groups
+from lora_trainer.fit.run import Run
+from lora_trainer.fit.samples import SampleDrawer
+from lora_trainer.model.conditioning import CaptionEncoder, live_caption_encoder
+from lora_trainer.model.parts import SDXLParts, TextEncoders, load_sdxl
+from lora_trainer.model.precision import weight_dtype
+from lora_trainer.report.history import RunHistory
+
+log = logging.getLogger(__name__)
+
+
+def setup(config: Config) -> Run:
+    from accelerate.utils import set_seed
+
+    config, accelerator = start_accelerator(config)
+    device, dtype = accelerator.device, weight_dtype(config.training.mixed_precision)
+    parts = load_sdxl(config.model)
+    with accelerator.main_process_first():
+        caches = fill_caches(config, parts, device, dtype, show_progress=accelerator.is_local_main_process)
+    if accelerator.is_main_process:
+        log.info("aspect-ratio buckets:\n%s", bucket_table(caches.training.items, config.training.seed))
+    if caches.text is not None:
+        log.info("text embeddings: %d reused, %d encoded", caches.text_reused, caches.text_encoded)
+
+    set_seed(config.training.seed)  # the same on every process, so all start from identical adapters
+    models = _placed_models(parts, config, device, dtype)
+    trained = attach_adapters(models, config.network)
+    if config.training.gradient_checkpointing:
+        enable_gradient_checkpointing(models)
+    optimizer = make_optimizer(parameter_groups(trained, config), config.training)
+    *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
+    trained = dict(zip(trained, prepared))
+    models.update(trained)
+    dataloader = make_dataloader(caches.training, config, accelerator)
+
+    steps_per_epoch = math.ceil(len(dataloader) / config.training.gradient_accumulation_steps)
+    total_steps = config.training.max_steps or config.training.epochs * steps_per_epoch
+    lr_scheduler = accelerator.prepare(make_lr_scheduler(optimizer, config.training, total_steps, accelerator.num_processes))
+    history = RunHistory(config.output.name, steps_per_epoch)
+    start_trackers(accelerator, config)
+    set_seed(config.training.seed, device_specific=True)  # different noise on each process
+    text = parts.text
+    return Run(
+        config=config,
+        accelerator=accelerator,
+        parts=parts,
+        data=caches.training,
+        unet=models["unet"],
+        trained=trained,
+        encode_captions=_caption_encoder(caches, text, models["text_encoder_1"], models["text_encoder_2"], device, dtype),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        dataloader=dataloader,
+        total_steps=total_steps,
+        epochs=math.ceil(total_steps / steps_per_epoch),
+        history=history,
+        evaluator=_evaluator(config, accelerator, parts, caches, trained, history),
+        vae=None if config.data.cache_latents else parts.vae.to(device, torch.float32),  # fp32: SDXL's VAE overflows in fp16
+    )
+
+
+def enable_gradient_checkpointing(models: dict[str, torch.nn.Module]) -> None:
+    models["unet"].enable_gradient_checkpointing()
+    for part in ("text_encoder_1", "text_encoder_2"):
+        # Non-reentrant, so gradients reach the adapters even though the embeddings' inputs need none.
+        models[part].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _placed_models(parts: SDXLParts, config: Config, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """The UNet and text encoders on the device in the training precision; cached encoders stay on the CPU."""
+    models = parts.lora_targets()
+    for part, model in models.items():
+        if part == "unet" or not config.caches_text_embeddings:
+            model.to(device, dtype)
+    return models
+
+
+def _caption_encoder(
+    caches: FilledCaches, text: TextEncoders, encoder_1: torch.nn.Module, encoder_2: torch.nn.Module, device, dtype
+) -> CaptionEncoder:
+    """Captions -> embeddings: read from the text cache when there is one, else encoded live by these encoders."""
+    if caches.text is not None:
+        return cached_caption_encoder(caches.text, device, dtype)
+    return live_caption_encoder(text.tokenizer_1, text.tokenizer_2, encoder_1, encoder_2, device)
+
+
+def _evaluator(config: Config, accelerator: Any, parts: SDXLParts, caches: FilledCaches, trained, history: RunHistory) -> Evaluator:
+    """Validation and samples work on the unwrapped models: a DDP-wrapped forward on one process would hang."""
+    device, dtype, text = accelerator.device, weight_dtype(config.training.mixed_precision), parts.text
+    unet = accelerator.unwrap_model(parts.unet)
+    drawer = SampleDrawer(config, unet, parts, device, accelerator.autocast) if config.sample.enabled and accelerator.is_main_process else None
+    return Evaluator(
+        config=config,
+        accelerator=accelerator,
+        history=history,
+        trained=trained,
+        unet=unet,
+        noise_scheduler=parts.noise_scheduler,
+        encode_captions=_caption_encoder(caches, text, text.text_encoder_1, text.text_encoder_2, device, dtype),
+        validation=caches.validation,
+        drawer=drawer,
+    )

@@ -1,0 +1,41 @@
+"""`lora-train train`: setup -> fit -> finalize, with the failures a user can act on turned into one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lora_trainer.config.schema import Config
+from lora_trainer.errors import UserError
+from lora_trainer.fit.loop import NonFiniteLoss, fit
+from lora_trainer.fit.run import Run
+from lora_trainer.fit.save import finalize, save_lora
+from lora_trainer.fit.setup import setup
+
+
+def train(config: Config) -> Path:
+    """Train a LoRA as configured; return the path of the final `.safetensors`."""
+    run = setup(config)
+    try:
+        try:
+            fit(run)
+        except NonFiniteLoss as stop:
+            raise UserError(_non_finite_message(run, stop)) from None
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(
+                f"out of GPU memory at step {run.step + 1}: set training.gradient_checkpointing: true, "
+                "training.optimizer: adamw8bit, a smaller training.batch_size (with gradient_accumulation_steps), "
+                "or freeze the text encoders"
+            ) from None
+        return finalize(run)
+    finally:
+        run.accelerator.end_training()
+
+
+def _non_finite_message(run: Run, stop: NonFiniteLoss) -> str:
+    advice = "lower training.learning_rate, or use training.mixed_precision bf16 instead of fp16"
+    if run.step == 0:
+        return f"training stopped: {stop}; no step had finished, so nothing was saved; {advice}"
+    path = save_lora(run, f"{run.config.output.name}-step{run.step:06d}", stop.epoch)
+    return f"training stopped: {stop}; saved the LoRA of step {run.step}, the last good one, to {path}; {advice}"
