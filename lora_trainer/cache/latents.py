@@ -212,7 +212,7 @@ def _encode_missing(missing, cache: LatentCache, device, batch_size, outcome, to
                     chunk = group[start : start + batch_size]
                     pictures = _load_pictures(chunk, cache.background, unreadable, outcome)
                     if pictures:
-                        _encode_batch(pictures, cache, vae, device, outcome)
+                        _encode_batch(pictures, cache, device, outcome)
                     bar.update(len(chunk))
     finally:
         vae.to(home)
@@ -235,7 +235,8 @@ def _load_pictures(chunk, background, unreadable: set[Path], outcome: CacheOutco
 
 
 @torch.no_grad()
-def _encode_batch(pictures, cache: LatentCache, vae: torch.nn.Module, device: torch.device, outcome: CacheOutcome) -> None:
+def _encode_batch(pictures, cache: LatentCache, device: torch.device, outcome: CacheOutcome) -> None:
+    vae = cache.vae
     pixels = torch.stack([picture for _, _, picture in pictures]).to(device, ENCODE_DTYPE)
     distribution = vae.encode(pixels).latent_dist
     for index, (request, key, _) in enumerate(pictures):

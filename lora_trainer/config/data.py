@@ -14,6 +14,14 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_CAPTION_EXTENSIONS = (".txt", ".caption")
 
 
+def captioned_folder(value: Path) -> Path:
+    """`value` resolved, if it is a folder (of captioned images, as every folder field here holds)."""
+    resolved = value.expanduser().resolve()
+    if not resolved.is_dir():
+        raise ValueError(f"folder not found: {resolved}; give a folder of captioned images")
+    return resolved
+
+
 class DatasetConfig(Section):
     path: Path
     """Folder of training images (png, jpg, jpeg, webp, bmp), each with a caption file of the same stem. A
@@ -72,10 +80,7 @@ class DatasetConfig(Section):
     @field_validator("path")
     @classmethod
     def _check_path(cls, value: Path) -> Path:
-        resolved = value.expanduser().resolve()
-        if not resolved.is_dir():
-            raise ValueError(f"folder not found: {resolved}; give a folder of captioned images")
-        return resolved
+        return captioned_folder(value)
 
     @field_validator("caption_extension")
     @classmethod

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from lora_trainer.config.data import captioned_folder
 from lora_trainer.config.prompts import PromptSpec, gather_prompts, parse_prompt_line, read_prompts_file
 from lora_trainer.config.samplers import canonical_sampler
 from lora_trainer.config.section import Section
@@ -126,12 +127,7 @@ class ValidationConfig(Section):
     @field_validator("path")
     @classmethod
     def _check_path(cls, value: Path | None) -> Path | None:
-        if value is None:
-            return None
-        resolved = value.expanduser().resolve()
-        if not resolved.is_dir():
-            raise ValueError(f"folder not found: {resolved}; give a folder of captioned images")
-        return resolved
+        return None if value is None else captioned_folder(value)
 
     @field_validator("timesteps")
     @classmethod
