@@ -11,3 +11,9 @@ class ConfigError(UserError):
     """The config (or a `--set` override) is invalid; nothing has been loaded or written yet."""
 
     exit_code = 2
+
+
+class ModelFileError(UserError):
+    """A model file is not what the config says it is (wrong family, a LoRA, truncated, a pickle); nothing was loaded."""
+
+    exit_code = 2

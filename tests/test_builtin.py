@@ -1,5 +1,6 @@
-"""Builtin models: tiny-sdxl, an ordinary diffusers folder with SDXL's layout and a tokenizer that covers
-every character, and shapes-sdxl, the pretrained example base that ships with the package."""
+"""Builtin models: tiny-sdxl, an ordinary diffusers folder with SDXL's layout (and SDXL's tokenizers:
+tests/test_clip_tokenizer.py), and shapes-sdxl, the pretrained example base that ships with the package,
+whose byte-level tokenizers (`make_tiny_tokenizers`) cover every character."""
 
 from __future__ import annotations
 

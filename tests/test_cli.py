@@ -55,7 +55,7 @@ def test_sample_refuses_a_missing_lora_and_a_bad_model(tmp_path, capsys):
     code, _, err = run_cli(["sample", "--model", "builtin:tiny-sdxl", "--lora", tmp_path / "x.safetensors", "--prompt", "a"], capsys)
     assert code == 2 and err.strip() == f"error: --lora: file not found: {tmp_path / 'x.safetensors'}"
     code, _, err = run_cli(["sample", "--model", "./nowhere", "--prompt", "a"], capsys)
-    assert code == 2 and "--model: not a folder, a hub id" in err
+    assert code == 2 and "--model: no such file or folder" in err
 
 
 def test_sample_refuses_a_lora_for_another_model(tmp_path, capsys):

@@ -38,7 +38,7 @@ def test_defaults_are_what_an_sdxl_lora_user_expects(raw_config):
     assert config.data.buckets and config.data.bucket_step == 64
     assert (config.data.smallest_side, config.data.largest_side) == (256, 2048)
     assert config.data.cache_latents and config.data.on_bad_image == "skip"
-    assert config.model.prediction_type == "epsilon"
+    assert config.model.prediction_type is None  # from the model: its file or scheduler config
 
 
 def test_resolved_config_round_trips(raw_config, tmp_path):
@@ -86,7 +86,7 @@ BAD_VALUES = [
     ("datasets.0.repeats", 0, "datasets.0.repeats: must be a positive integer, got 0"),
     ("datasets.0.caption_extension", "txt", "datasets.0.caption_extension: must be a file extension starting with '.'"),
     ("model.pretrained", "builtin:huge-sdxl", "model.pretrained: unknown builtin model 'builtin:huge-sdxl'"),
-    ("model.pretrained", "./not/here", "model.pretrained: not a folder, a hub id (owner/name) or a builtin model"),
+    ("model.pretrained", "./not/here", "model.pretrained: no such file or folder: "),
     ("model.prediction_type", "x0", "model.prediction_type: must be one of epsilon or v_prediction, got 'x0'"),
     ("output.name", "a/b", "output.name: must be a plain file name"),
     ("output.save_every_n_epochs", -1, "output.save_every_n_epochs: must be a positive integer, got -1"),

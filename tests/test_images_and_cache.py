@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import MIXED_SHAPES
+from conftest import MIXED_SHAPES, train_in_process
 from PIL import Image
 
 from lora_trainer.cache.latents import open_latent_cache
@@ -186,6 +187,34 @@ def test_nan_latents_are_refused_naming_the_image(dataset_copy, config_on, monke
     with pytest.raises(UserError, match=r"00_red_circle\.png: the VAE produced NaN"):
         prepare(config, vae)
     assert not list((config.cache_dir / "latents").glob("*/*.safetensors"))
+
+
+def test_nan_latents_without_the_cache_name_the_image_of_the_batch(dataset_copy, raw_config, monkeypatch):
+    """With `data.cache_latents: false` the VAE encodes every step; a NaN latent names its image there too."""
+    from diffusers import AutoencoderKL
+
+    from lora_trainer.errors import UserError
+    from lora_trainer.fit import loop
+
+    real_encode = AutoencoderKL.encode
+
+    def encode_second_image_to_nan(self, pixels, *args, **kwargs):
+        output = real_encode(self, pixels, *args, **kwargs)
+        if len(pixels) > 1:
+            output.latent_dist.mean[1] = float("nan")
+        return output
+
+    monkeypatch.setattr(AutoencoderKL, "encode", encode_second_image_to_nan)
+    vae = load_vae(parse_config(raw_config).model)
+    batch = {"pixels": torch.zeros(2, 3, 64, 64), "image_paths": ["first.png", "second.png"]}
+    with pytest.raises(UserError, match=r"^second\.png: the VAE produced NaN/inf latents"):
+        loop._latents_of(batch, vae)
+
+    raw = {**raw_config, "datasets": [{"path": str(dataset_copy)}], "data": {**raw_config["data"], "cache_latents": False}}
+    with pytest.raises(UserError, match="the VAE produced NaN/inf latents") as error:
+        train_in_process(raw)
+    named = Path(str(error.value).split(": the VAE")[0])
+    assert named.parent == dataset_copy and named.is_file()
 
 
 def test_cache_files_are_written_under_a_temporary_name(dataset_copy, config_on, monkeypatch):

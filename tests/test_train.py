@@ -211,7 +211,7 @@ def test_an_empty_folder_is_a_config_error(raw_config, tmp_path, capsys):
     code, _, err = run_cli(["train", write_yaml(tmp_path / "c.yaml", raw_config)], capsys)
     assert code == 2
     assert err.strip() == (
-        f"error: datasets.0.path: no images (png, jpg, jpeg, webp, bmp) in {tmp_path / 'empty'}, "
+        f"error: datasets.0.path: no images (png, jpg, jpeg, webp, bmp, gif) in {tmp_path / 'empty'}, "
         "nor in kohya-style subfolders like 10_name"
     )
 
@@ -244,5 +244,5 @@ def test_an_unreachable_hub_model_names_the_field(raw_config, tmp_path, capsys):
     code, _, err = run_cli(["train", write_yaml(tmp_path / "c.yaml", raw_config)], capsys)
     assert code == 1
     line = err.strip().splitlines()[-1]
-    assert line.startswith("error: model.pretrained: cannot load the vae of 'nobody-here/no-such-sdxl'")
+    assert line.startswith("error: model.pretrained: cannot load the noise scheduler of 'nobody-here/no-such-sdxl'")
     assert "Traceback" not in err

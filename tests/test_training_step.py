@@ -33,30 +33,40 @@ def parts(tiny_model_path):
         for model_part in (unet, text.text_encoder_1, text.text_encoder_2):
             for layer in lora_layers(model_part).values():
                 layer.lora_B["default"].weight.normal_(std=0.05)
+        # A LayerNorm at its initial values is idempotent, which would hide pooling from the wrong layer.
+        final_norm = text.text_encoder_2.text_model.final_layer_norm
+        final_norm.weight.normal_(1.0, 0.3)
+        final_norm.bias.normal_(std=0.3)
     return text, unet
 
 
-def _penultimate_by_hook(encoder: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, object]:
+def _penultimate_by_hook(encoder: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The penultimate and the last encoder layer's outputs (neither through the final LayerNorm), by hooks."""
     layers = encoder.text_model.encoder.layers if hasattr(encoder, "text_model") else encoder.encoder.layers
     captured = {}
-    handle = layers[len(layers) - 2].register_forward_hook(lambda _m, _i, output: captured.update(h=output[0] if isinstance(output, tuple) else output))
+
+    def keeper(name):
+        return lambda _m, _i, output: captured.update({name: output[0] if isinstance(output, tuple) else output})
+
+    handles = [layers[len(layers) - 2].register_forward_hook(keeper("penultimate")), layers[-1].register_forward_hook(keeper("last"))]
     try:
-        output = encoder(ids, output_hidden_states=False)
+        encoder(ids, output_hidden_states=False)
     finally:
-        handle.remove()
-    return captured["h"], output
+        for handle in handles:
+            handle.remove()
+    return captured["penultimate"], captured["last"]
 
 
 def _reference_loss(text, unet, latents, noise, timesteps, batch_time_ids, prediction_type):
     tokens_1 = text.tokenizer_1(CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     tokens_2 = text.tokenizer_2(CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     hidden_1, _ = _penultimate_by_hook(text.text_encoder_1, tokens_1)
-    hidden_2, output_2 = _penultimate_by_hook(text.text_encoder_2, tokens_2)
+    hidden_2, last_2 = _penultimate_by_hook(text.text_encoder_2, tokens_2)
     # Pooled: bigG's final-LayerNormed last state at the first end token, through the projection.
     encoder_2 = text.text_encoder_2
-    eos_id = encoder_2.config.eos_token_id
+    eos_id = text.tokenizer_2.eos_token_id  # <|endoftext|>; the config's eos_token_id is SDXL's legacy 2
     first_eos = (tokens_2 == eos_id).int().argmax(dim=1)
-    final = encoder_2.text_model.final_layer_norm(output_2.last_hidden_state)
+    final = encoder_2.text_model.final_layer_norm(last_2)
     pooled = encoder_2.text_projection(final[torch.arange(len(CAPTIONS)), first_eos])
     context = torch.cat([hidden_1, hidden_2], dim=-1)
 

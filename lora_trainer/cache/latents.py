@@ -225,7 +225,7 @@ def _load_pictures(chunk, background, unreadable: set[Path], outcome: CacheOutco
         if path in unreadable:
             continue
         try:
-            image = load_rgb(path, background)
+            image = load_rgb(path, background, request.plan.resized)
         except UnreadableImage as error:
             unreadable.add(path)
             outcome.bad.append(BadFile(path, str(error)))

@@ -1,5 +1,5 @@
 """The text-embedding cache: with frozen text encoders a caption always encodes the same, so it is encoded
-once, kept on disk (keyed by the caption and the encoders' weights), and read back each step.
+once, kept on disk (keyed by the caption, the encoders' weights and `data.max_token_length`), and read back each step.
 
 Reading from disk instead of holding every embedding keeps memory flat in the number of captions
 (an SDXL caption's embeddings take 0.3-0.6 MB), and lets the text encoders leave the GPU.
@@ -21,7 +21,7 @@ from lora_trainer.data.captions import fixed_caption
 from lora_trainer.data.records import ImageRecord
 from lora_trainer.errors import UserError
 from lora_trainer.files import write_bytes_atomic
-from lora_trainer.model.conditioning import CaptionEncoder, live_caption_encoder
+from lora_trainer.model.conditioning import CHUNK_TOKENS, CaptionEncoder, live_caption_encoder
 from lora_trainer.model.parts import TextEncoders
 from lora_trainer.progress import progress_bar
 
@@ -29,13 +29,15 @@ TEXT_CACHE_FORMAT = 1
 
 
 class TextEmbeddingCache:
-    def __init__(self, folder: Path, encoders_fingerprint: str, dtype: torch.dtype):
+    def __init__(self, folder: Path, encoders_fingerprint: str, dtype: torch.dtype, max_token_length: int = CHUNK_TOKENS):
         self.folder = folder
         self.encoders_fingerprint = encoders_fingerprint
         self.dtype = dtype
+        self.max_token_length = max_token_length  # a caption encodes differently at 75, 150 and 225 tokens
 
     def path(self, caption: str) -> Path:
-        key = text_digest(str(TEXT_CACHE_FORMAT), self.encoders_fingerprint, str(self.dtype), caption)
+        length = f"max_token_length={self.max_token_length}"
+        key = text_digest(str(TEXT_CACHE_FORMAT), self.encoders_fingerprint, str(self.dtype), length, caption)
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def load(self, caption: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -123,11 +125,12 @@ def cache_caption_embeddings(
     in `text`, on `device` in `dtype`, which they leave for the CPU afterwards (their outputs now come from
     disk); return the cache and how many captions were reused and encoded."""
     fingerprint = text_encoders_fingerprint(text.tokenizer_1, text.tokenizer_2, text.text_encoder_1, text.text_encoder_2)
-    cache = TextEmbeddingCache(config.cache_dir / "text", fingerprint, dtype)
+    max_token_length = config.data.max_token_length
+    cache = TextEmbeddingCache(config.cache_dir / "text", fingerprint, dtype, max_token_length)
     encoders = (text.text_encoder_1, text.text_encoder_2)
     for encoder in encoders:
         encoder.to(device, dtype)
-    encode = live_caption_encoder(text.tokenizer_1, text.tokenizer_2, *encoders, device)
+    encode = live_caption_encoder(text.tokenizer_1, text.tokenizer_2, *encoders, device, max_token_length)
     captions = training_captions(config, records) + list(extra_captions)
     reused, encoded = fill_text_cache(captions, cache, encode, show_progress=show_progress)
     for encoder in encoders:

@@ -101,7 +101,7 @@ def _with_checked_images(planned: Sequence[PlannedImage], config: Config, show_p
     items, bad = [], []
     for image in progress_bar(planned, desc="checking images", unit="img", disable=not show_progress):
         try:
-            load_rgb(image.record.image_path, config.data.alpha_background)
+            load_rgb(image.record.image_path, config.data.alpha_background, image.plan.resized)
         except UnreadableImage as error:
             bad.append(BadFile(image.record.image_path, str(error)))
             continue

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from lora_trainer.config.section import Section
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 DEFAULT_CAPTION_EXTENSIONS = (".txt", ".caption")
 
 
@@ -24,7 +24,7 @@ def captioned_folder(value: Path) -> Path:
 
 class DatasetConfig(Section):
     path: Path
-    """Folder of training images (png, jpg, jpeg, webp, bmp), each with a caption file of the same stem. A
+    """Folder of training images (png, jpg, jpeg, webp, bmp, gif), each with a caption file of the same stem. A
     folder named kohya-style `10_mychar` means 10 repeats and class tokens `mychar`; a folder that holds
     only such subfolders (kohya's `train_data_dir`) trains each of them with their own repeats."""
 
@@ -139,6 +139,12 @@ class DataConfig(Section):
     workers: int = Field(0, ge=0)
     """Data-loader worker processes; worth 2-8 with `cache_latents: false`, where images are decoded every step."""
 
+    max_token_length: Literal[75, 150, 225] = 75
+    """Caption tokens the text encoders see (kohya's `max_token_length`): 75 is CLIP's own limit; 150 and 225
+    encode the caption in 2 or 3 chunks of 75 tokens, each through the encoders on its own, and join them
+    (as kohya does); sample prompts are encoded the same way. Longer captions are cut: training lists them
+    before it starts."""
+
     alpha_background: tuple[int, int, int] = (255, 255, 255)
     """RGB colour that transparent pixels are flattened onto."""
 
@@ -159,6 +165,11 @@ class DataConfig(Section):
         if value % 32:
             raise ValueError(f"must be a multiple of 32 (SDXL's UNet halves the latents twice), got {value}")
         return value
+
+    @field_validator("max_token_length", mode="before")
+    @classmethod
+    def _read_token_length(cls, value: object) -> object:
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value  # `--max-token-length 150`
 
     @field_validator("alpha_background")
     @classmethod

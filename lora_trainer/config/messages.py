@@ -39,6 +39,7 @@ KOHYA_NAMES = {
     "cache_latents_to_disk": "data.cache_latents (always on disk here)",
     "cache_text_encoder_outputs": "data.cache_text_embeddings",
     "vae_batch_size": "data.vae_batch_size",
+    "max_token_length": "data.max_token_length",
     "reg_data_dir": "a datasets entry with is_reg: true",
     "prior_loss_weight": "datasets.N.loss_weight (of the is_reg entry)",
     "shuffle_caption": "datasets.N.shuffle_tags",

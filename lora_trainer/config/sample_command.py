@@ -1,10 +1,10 @@
 """`lora-train sample`: what it draws, from options declared once.
 
 Every option is a field of a config section: the drawing options are the `sample` section's
-(`SampleConfig`), the model options the `model` section's (`ModelConfig`), and the rest belong to the
-command (`SampleCommand`). `cli.py` builds the command line from `SAMPLE_OPTIONS`, so an option takes the
-same values, has the same help and gives the same errors as the field it sets, and with `--config` it
-overrides what that config says.
+(`SampleConfig`), the model options the `model` section's (`ModelConfig`), `--max-token-length` the `data`
+section's (`DataConfig`), and the rest belong to the command (`SampleCommand`). `cli.py` builds the command
+line from `SAMPLE_OPTIONS`, so an option takes the same values, has the same help and gives the same errors
+as the field it sets, and with `--config` it overrides what that config says.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
+from lora_trainer.config.data import DataConfig
 from lora_trainer.config.evaluation import SampleConfig
 from lora_trainer.config.load import load_config
 from lora_trainer.config.messages import format_config_errors
@@ -64,8 +65,10 @@ class SampleOption:
 SAMPLE_OPTIONS = (
     SampleOption("--config", SampleCommand, "config", "CONFIG"),
     SampleOption("--model", ModelConfig, "pretrained", "MODEL"),
+    SampleOption("--model-config", ModelConfig, "config", "FOLDER"),
     SampleOption("--vae", ModelConfig, "vae", "VAE"),
     SampleOption("--prediction-type", ModelConfig, "prediction_type", "TYPE"),
+    SampleOption("--allow-pickle", ModelConfig, "allow_pickle", None),
     SampleOption("--lora", SampleCommand, "loras", "FILE[:WEIGHT]"),
     SampleOption("--prompt", SampleConfig, "prompts", "PROMPT"),
     SampleOption("--prompts-file", SampleConfig, "prompts_file", "FILE"),
@@ -76,6 +79,7 @@ SAMPLE_OPTIONS = (
     SampleOption("--sampler", SampleConfig, "sampler", "NAME"),
     SampleOption("--width", SampleConfig, "width", "PIXELS"),
     SampleOption("--height", SampleConfig, "height", "PIXELS"),
+    SampleOption("--max-token-length", DataConfig, "max_token_length", "N"),
     SampleOption("--images", SampleCommand, "images", "N"),
     SampleOption("--compare", SampleCommand, "compare", None),
     SampleOption("--out", SampleCommand, "out", "FOLDER"),
@@ -103,6 +107,7 @@ class SampleRequest:
     images_per_prompt: int
     compare: bool
     out: Path
+    max_token_length: int = 75  # prompt tokens encoded, as the LoRA's training encoded its captions
 
 
 def sample_request(given: dict[str, Any]) -> SampleRequest:
@@ -114,13 +119,14 @@ def sample_request(given: dict[str, Any]) -> SampleRequest:
     base = load_config(command.config) if command.config is not None else None
     model = _model(base, given)
     sample = _section(SampleConfig, _sample_defaults(base, given), given)
+    data = _section(DataConfig, base.data.model_dump() if base is not None else {}, given)
     specs = sample.prompt_specs(base.data.resolution if base is not None else None)
     if not specs:
         raise ConfigError("--prompt: give at least one --prompt or a --prompts-file")
     loras = [lora_choice(text) for text in command.loras]
     if not loras and base is not None:
         loras = [trained_lora(base, command.config)]
-    return SampleRequest(model, specs, loras, command.images, command.compare, command.out)
+    return SampleRequest(model, specs, loras, command.images, command.compare, command.out, data.max_token_length)
 
 
 def parameter_name(flag: str) -> str:
@@ -156,7 +162,7 @@ def _model(base: Config | None, given: dict[str, Any]) -> ModelConfig:
         raise ConfigError("--model: give either --model or --config, not both")
     if base is None and given.get("model") is None:
         builtins = ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_MODELS)
-        raise ConfigError(f"--model: required (a diffusers folder, a hub id or one of {builtins}), or give --config")
+        raise ConfigError(f"--model: required (a .safetensors checkpoint, a diffusers folder, a hub id or one of {builtins}), or give --config")
     defaults = base.model.model_dump() if base is not None else {}
     return _section(ModelConfig, defaults, given)
 
@@ -184,4 +190,5 @@ def _section(section: type[Section], defaults: dict[str, Any], given: dict[str, 
 
 
 def _given(given: dict[str, Any]) -> set[str]:
-    return {name for name, value in given.items() if value is not None and value != []}
+    # An unset flag arrives as False: it must not switch off what the --config file turned on.
+    return {name for name, value in given.items() if value is not None and value != [] and value is not False}

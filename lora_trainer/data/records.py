@@ -1,6 +1,6 @@
 """Scan dataset folders into records: one image, its caption, its folder's settings, and its upright size.
 
-Only image headers are read here (size and EXIF orientation), so scanning 10,000 images is quick and holds
+Only image headers are read here (size, EXIF orientation, animation), so scanning 10,000 images is quick and holds
 no pixels. Files that cannot be used are collected as `BadFile`s instead of stopping the scan.
 """
 
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +26,22 @@ KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 # EXIF orientations 5-8 turn the picture by 90 degrees, so its upright width and height swap.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
+# Pillow refuses images over about 179 megapixels as possible decompression bombs, which a large phone photo
+# or a panorama passes. Ours is far higher, yet one image still decodes in a few GB (1 gigapixel: 3 GB RGB).
+PIXEL_LIMIT = 1_000_000_000
+# Pillow's limit is a module global: it is lifted under this lock and put back, so our own threads never
+# leave it lifted for good by restoring each other's value.
+_PILLOW_LIMIT_LOCK = threading.RLock()
+# Only these formats animate. A JPEG with several frames (MPO) is one photo plus a depth map or preview.
+_ANIMATED_FORMATS = {"GIF", "PNG", "WEBP"}
+# How many file names a warning line lists.
+_NAMES_SHOWN = 3
 
 
 @dataclass(frozen=True)
 class ImageRecord:
     image_path: Path
-    caption: str  # from the caption file, else the default caption or class tokens; before caption options
+    caption: str  # from the caption file, else (none or empty) the default caption or class tokens; before options
     dataset_index: int  # which `datasets` entry it came from (its caption and crop options apply)
     folder: str  # the folder's name, as kohya's metadata keys tag counts and repeats
     repeats: int
@@ -42,6 +54,16 @@ class ImageRecord:
 class BadFile:
     path: Path
     reason: str
+
+
+class ImageTooLarge(Exception):
+    """More pixels than `PIXEL_LIMIT`; the message names its size and the limit."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    size: tuple[int, int]  # upright (height, width)
+    animated: bool
 
 
 def stop_on_bad_files(bad: Sequence[BadFile]) -> None:
@@ -103,11 +125,11 @@ def _folder(path: Path, dataset: DatasetConfig, index: int) -> Folder:
 
 def scan_folder(folder: Folder, dataset: DatasetConfig, scan: Scan) -> None:
     fallback_caption = dataset.default_caption or folder.class_tokens or ""
-    uncaptioned = []
+    uncaptioned, empty_captions, animated = [], [], []
     for image_path in _image_files(folder.path):
-        size = read_upright_size(image_path)
-        if isinstance(size, BadFile):
-            scan.bad.append(size)
+        header = read_header(image_path)
+        if isinstance(header, BadFile):
+            scan.bad.append(header)
             continue
         caption = read_caption(image_path, dataset.caption_extensions)
         if isinstance(caption, BadFile):
@@ -115,55 +137,132 @@ def scan_folder(folder: Folder, dataset: DatasetConfig, scan: Scan) -> None:
             continue
         if caption is None:
             uncaptioned.append(image_path.name)
-            caption = fallback_caption
+        elif not caption:
+            empty_captions.append(caption_file(image_path, dataset.caption_extensions).name)
+        if header.animated:
+            animated.append(image_path.name)
         scan.records.append(
             ImageRecord(
                 image_path=image_path,
-                caption=caption,
+                caption=caption or fallback_caption,
                 dataset_index=folder.dataset_index,
                 folder=folder.path.name,
                 repeats=folder.repeats,
                 is_reg=dataset.is_reg,
                 loss_weight=dataset.loss_weight,
-                size=size,
+                size=header.size,
             )
         )
+    _warn_about_folder(folder.path, dataset.caption_extensions, fallback_caption, uncaptioned, empty_captions, animated)
+
+
+def _warn_about_folder(
+    path: Path, caption_extensions: Sequence[str], fallback_caption: str,
+    uncaptioned: list[str], empty_captions: list[str], animated: list[str],
+) -> None:
+    """One warning line per kind of file that trains other than its name suggests; nothing stops the run."""
     if uncaptioned:
         used = f"{fallback_caption!r}" if fallback_caption else "an empty caption"
         log.warning(
             "%d images in %s have no %s caption file and train with %s (first: %s)",
-            len(uncaptioned), folder.path, " or ".join(dataset.caption_extensions), used, uncaptioned[0],
+            len(uncaptioned), path, " or ".join(caption_extensions), used, uncaptioned[0],
+        )
+    if empty_captions:
+        used = (
+            f"the folder's fallback caption {fallback_caption!r}" if fallback_caption
+            else "an empty caption (the folder has no default_caption or class tokens)"
+        )
+        log.warning(
+            "%d caption files in %s are empty, so their images train with %s (%s); write a caption in them to use it",
+            len(empty_captions), path, used, first_names(empty_captions),
+        )
+    if animated:
+        log.warning(
+            "%d animated images in %s train on their first frame only (%s); "
+            "save other frames as images of their own to train on them",
+            len(animated), path, first_names(animated),
         )
 
 
-def read_upright_size(path: Path) -> tuple[int, int] | BadFile:
-    """(height, width) as the picture is meant to be seen, from the header only; or why it cannot be read."""
+def first_names(names: Sequence[str]) -> str:
+    """'a.png, b.png, c.png and 4 more': a warning line stays one line however many files it is about."""
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    return f"{shown} and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else shown
+
+
+@contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """The image opened (pixels not yet decoded) under our pixel limit instead of Pillow's; raise `ImageTooLarge`.
+
+    Decode it inside the `with`: Pillow checks its limit again while decoding some formats (GIF frames).
+    Lifting Pillow's limit also keeps its DecompressionBombWarning from reaching the user.
+    """
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(path) as image:
+                check_pixel_limit(image.size)
+                yield image
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def check_pixel_limit(size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > PIXEL_LIMIT:
+        raise ImageTooLarge(
+            f"{width}x{height} is {width * height / 1e6:,.0f} megapixels, over the limit of {PIXEL_LIMIT / 1e6:,.0f} "
+            "megapixels for one image; downscale it (or cut a panorama into parts) and train on that"
+        )
+
+
+def read_header(path: Path) -> ImageHeader | BadFile:
+    """The upright size and whether it animates, from the header only; or why the image cannot be used."""
     try:
         if path.stat().st_size == 0:
             return BadFile(path, "empty file (0 bytes)")
-        with Image.open(path) as image:
+        with open_image(path) as image:
             width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION)
+            sideways = turns_sideways(image)
+            animated = image.format in _ANIMATED_FORMATS and getattr(image, "is_animated", False)
+    except ImageTooLarge as error:
+        return BadFile(path, str(error))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         return BadFile(path, f"cannot read this image ({error})")
-    if orientation in _TRANSPOSING_ORIENTATIONS:
-        width, height = height, width
-    return height, width
+    return ImageHeader((width, height) if sideways else (height, width), animated)
+
+
+def turns_sideways(image: Image.Image) -> bool:
+    """Whether the EXIF orientation turns the stored picture by 90 degrees (its upright sides swap)."""
+    return image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
 
 
 def read_caption(image_path: Path, extensions: Sequence[str]) -> str | None | BadFile:
     """The first non-empty line of the first caption file found beside the image (as kohya reads it).
 
-    None when there is no caption file; a BadFile when it is not UTF-8 text.
+    None when there is no caption file; "" when it is empty or only whitespace; a BadFile when it is not
+    UTF-8 text. `scan_folder` trains an empty one like a missing one, with the folder's default caption or
+    class tokens. kohya instead trains a blank file with an empty caption (and stops on a 0-byte one), but an
+    empty caption file is nearly always a tagger that found nothing or a placeholder never filled, and an
+    empty caption teaches the image without its trigger word; `caption_dropout` is the way to train uncaptioned.
     """
+    caption_path = caption_file(image_path, extensions)
+    if caption_path is None:
+        return None
+    try:
+        text = caption_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        return BadFile(caption_path, "caption is not UTF-8 text; re-save it as UTF-8")
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def caption_file(image_path: Path, extensions: Sequence[str]) -> Path | None:
+    """The image's caption file: the same stem with the first of `extensions` that exists."""
     for extension in extensions:
-        caption_path = image_path.with_suffix(extension)
-        if caption_path.is_file():
-            try:
-                text = caption_path.read_text(encoding="utf-8-sig")
-            except UnicodeDecodeError:
-                return BadFile(caption_path, "caption is not UTF-8 text; re-save it as UTF-8")
-            return next((line.strip() for line in text.splitlines() if line.strip()), "")
+        path = image_path.with_suffix(extension)
+        if path.is_file():
+            return path
     return None
 
 

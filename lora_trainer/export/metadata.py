@@ -21,6 +21,17 @@ from lora_trainer.data.records import Folder, ImageRecord
 
 
 @dataclass(frozen=True)
+class BaseModel:
+    """The base a LoRA was trained on, as its metadata names it (kohya's `ss_sd_model_*` keys)."""
+
+    name: str  # a file or folder's own name, a hub id, or a builtin name
+    prediction_type: str  # as the run used it: from the config, else from the model
+    legacy_hash: str = ""  # A1111's short model hash, for a single-file base
+    sha256: str = ""  # of the whole file, for a single-file base
+    vae_name: str = ""
+
+
+@dataclass(frozen=True)
 class Progress:
     """Where the run stands when a file is saved."""
 
@@ -29,8 +40,10 @@ class Progress:
     started_at: datetime
 
 
-def lora_metadata(config: Config, images: Sequence[PlannedImage], folders: Sequence[Folder], progress: Progress) -> dict[str, str]:
-    """The metadata of a LoRA trained with `config` on `images` (from `folders`), saved at `progress`."""
+def lora_metadata(
+    config: Config, images: Sequence[PlannedImage], folders: Sequence[Folder], progress: Progress, base: BaseModel
+) -> dict[str, str]:
+    """The metadata of a LoRA trained with `config` on `images` (from `folders`) over `base`, saved at `progress`."""
     network, training = config.network, config.training
     resolution = config.data.resolution
     records = [image.record for image in images]
@@ -44,8 +57,10 @@ def lora_metadata(config: Config, images: Sequence[PlannedImage], folders: Seque
         "ss_network_dropout": str(network.dropout),
         "ss_v2": "False",
         "ss_output_name": config.output.name,
-        "ss_sd_model_name": config.model.pretrained,
-        "ss_vae_name": config.model.vae or "",
+        "ss_sd_model_name": base.name,
+        "ss_sd_model_hash": base.legacy_hash,
+        "ss_new_sd_model_hash": base.sha256,
+        "ss_vae_name": base.vae_name,
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_num_train_images": str(sum(record.repeats for record in records if not record.is_reg)),
         "ss_num_reg_images": str(sum(record.repeats for record in records if record.is_reg)),
@@ -61,6 +76,7 @@ def lora_metadata(config: Config, images: Sequence[PlannedImage], folders: Seque
         "ss_random_crop": str(any(dataset.random_crop for dataset in config.datasets)),
         "ss_shuffle_caption": str(any(dataset.shuffle_tags for dataset in config.datasets)),
         "ss_keep_tokens": str(max(dataset.keep_tokens for dataset in config.datasets)),
+        "ss_max_token_length": str(config.data.max_token_length),
         "ss_caption_dropout_rate": str(max(dataset.caption_dropout for dataset in config.datasets)),
         "ss_caption_tag_dropout_rate": str(max(dataset.tag_dropout for dataset in config.datasets)),
         "ss_steps": str(progress.steps),
@@ -77,14 +93,14 @@ def lora_metadata(config: Config, images: Sequence[PlannedImage], folders: Seque
         "ss_max_grad_norm": str(training.max_grad_norm),
         "ss_seed": str(training.seed),
         "ss_mixed_precision": training.mixed_precision,
-        "ss_prediction_type": config.model.prediction_type,
+        "ss_prediction_type": base.prediction_type,
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": config.output.name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "modelspec.prediction_type": "v" if config.model.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon",
         "lora_train_version": __version__,
     }
 

@@ -69,10 +69,11 @@ class TrainingDataset(Dataset):
         }
         if item.latent is None:
             try:
-                image = load_rgb(item.record.image_path, self.background)
+                image = load_rgb(item.record.image_path, self.background, plan.resized)
             except UnreadableImage as error:
                 raise UserError(f"{item.record.image_path}: {error}; it was readable when training started") from None
             example["pixels"] = to_model_input(apply_plan(image, plan, flip))
+            example["image_path"] = str(item.record.image_path)
         else:
             example["latents"] = (item.flipped_latent if flip else item.latent).load()
         return example
@@ -90,4 +91,6 @@ def collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     source = "latents" if "latents" in examples[0] else "pixels"
     batch[source] = torch.stack([example[source] for example in examples])
+    if source == "pixels":
+        batch["image_paths"] = [example["image_path"] for example in examples]
     return batch

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from lora_trainer.adapters.wiring import trainable_parameters
+from lora_trainer.errors import UserError
 from lora_trainer.fit.objective import draw_noise_and_timesteps
 from lora_trainer.fit.run import Run
 from lora_trainer.fit.save import save_lora
@@ -69,7 +70,16 @@ def fit(run: Run) -> None:
 def _latents_of(batch: dict[str, Any], vae: torch.nn.Module | None) -> torch.Tensor:
     if "latents" in batch:
         return batch["latents"]
-    return scale_latents(vae, vae.encode(batch["pixels"].to(vae.device, torch.float32)).latent_dist.sample())
+    latents = scale_latents(vae, vae.encode(batch["pixels"].to(vae.device, torch.float32)).latent_dist.sample())
+    finite = torch.isfinite(latents).flatten(1).all(dim=1)
+    if not finite.all():
+        # As the latent cache refuses such an image when it encodes it; here it is found a batch at a time.
+        path = batch["image_paths"][int((~finite).nonzero()[0])]
+        raise UserError(
+            f"{path}: the VAE produced NaN/inf latents; set model.vae to an fp32-safe VAE "
+            "(e.g. madebyollin/sdxl-vae-fp16-fix) or check the image"
+        )
+    return latents
 
 
 def _report(run: Run, bar: Any, epoch: int, loss: float) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from lora_trainer.cache.training_data import TrainingData
 from lora_trainer.config.schema import Config
+from lora_trainer.export.metadata import BaseModel
 from lora_trainer.fit.evaluate import Evaluator
 from lora_trainer.model.conditioning import CaptionEncoder
 from lora_trainer.model.parts import SDXLParts
@@ -32,6 +33,7 @@ class Run:
     epochs: int
     history: RunHistory
     evaluator: Evaluator  # validation loss and sample images between epochs
+    base: BaseModel  # what the LoRA's metadata says it was trained on
     vae: torch.nn.Module | None = None  # set when images are encoded every step instead of cached
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     step: int = 0

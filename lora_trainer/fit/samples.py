@@ -42,7 +42,7 @@ class SampleDrawer:
         paths = []
         with self._borrowed_models() as pipeline:
             for drawing in self.drawings:
-                image = draw(pipeline, drawing)
+                image = draw(pipeline, drawing, self.config.data.max_token_length)
                 path = folder / f"{label}-{drawing.index:02d}-{slug(drawing.spec.prompt)}.png"
                 save_png(path, image, generation_info(drawing, self.config.model.pretrained, ((self.config.output.name, 1.0),)))
                 paths.append(path)

@@ -30,7 +30,7 @@ def save_lora(run: Run, name: str, epoch: int) -> Path:
         weights = {part: (model, read_lora_weights(model)) for part, model in _unwrapped(run).items()}
         tensors = to_kohya_tensors(weights, SAVE_DTYPES[config.output.save_dtype])
         progress = Progress(steps=run.step, epoch=epoch, started_at=run.started_at)
-        save_lora_file(path, tensors, lora_metadata(config, run.data.items, run.data.folders, progress))
+        save_lora_file(path, tensors, lora_metadata(config, run.data.items, run.data.folders, progress, run.base))
         run.history.epoch_record(epoch, run.step).lora_file = path.name
         write_text_atomic(config.output.dir / f"{config.output.name}.yaml", dump_config(config))
         write_loss_curve(config.output.dir / f"{config.output.name}-loss.png", run.history.train_losses, f"{config.output.name}: training loss")

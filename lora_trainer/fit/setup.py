@@ -17,9 +17,11 @@ from lora_trainer.cache.fill import FilledCaches, fill_caches
 from lora_trainer.cache.text import cached_caption_encoder
 from lora_trainer.config.schema import Config
 from lora_trainer.data.buckets import bucket_table
+from lora_trainer.fit.base_model import describe_base
 from lora_trainer.fit.accelerator import start_accelerator, start_trackers
 from lora_trainer.fit.evaluate import Evaluator
 from lora_trainer.fit.loader import make_dataloader
+from lora_trainer.fit.long_captions import report_cut_captions
 from lora_trainer.fit.optim import make_lr_scheduler, make_optimizer, parameter_groups
 from lora_trainer.fit.run import Run
 from lora_trainer.fit.samples import SampleDrawer
@@ -43,6 +45,8 @@ def setup(config: Config) -> Run:
         log.info("aspect-ratio buckets:\n%s", bucket_table(caches.training.items, config.training.seed))
     if caches.text is not None:
         log.info("text embeddings: %d reused, %d encoded", caches.text_reused, caches.text_encoded)
+    if accelerator.is_main_process:
+        report_cut_captions(config, caches, parts.text.tokenizer_1)
 
     set_seed(config.training.seed)  # the same on every process, so all start from identical adapters
     models = _placed_models(parts, config, device, dtype)
@@ -69,7 +73,9 @@ def setup(config: Config) -> Run:
         data=caches.training,
         unet=models["unet"],
         trained=trained,
-        encode_captions=_caption_encoder(caches, text, models["text_encoder_1"], models["text_encoder_2"], device, dtype),
+        encode_captions=_caption_encoder(
+            caches, text, models["text_encoder_1"], models["text_encoder_2"], device, dtype, config.data.max_token_length
+        ),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         dataloader=dataloader,
@@ -77,6 +83,7 @@ def setup(config: Config) -> Run:
         epochs=math.ceil(total_steps / steps_per_epoch),
         history=history,
         evaluator=_evaluator(config, accelerator, parts, caches, trained, history),
+        base=describe_base(parts, with_hashes=accelerator.is_main_process, show_progress=accelerator.is_local_main_process),
         vae=None if config.data.cache_latents else parts.vae.to(device, torch.float32),  # fp32: SDXL's VAE overflows in fp16
     )
 
@@ -98,12 +105,18 @@ def _placed_models(parts: SDXLParts, config: Config, device: torch.device, dtype
 
 
 def _caption_encoder(
-    caches: FilledCaches, text: TextEncoders, encoder_1: torch.nn.Module, encoder_2: torch.nn.Module, device, dtype
+    caches: FilledCaches,
+    text: TextEncoders,
+    encoder_1: torch.nn.Module,
+    encoder_2: torch.nn.Module,
+    device,
+    dtype,
+    max_token_length: int,
 ) -> CaptionEncoder:
     """Captions -> embeddings: read from the text cache when there is one, else encoded live by these encoders."""
     if caches.text is not None:
         return cached_caption_encoder(caches.text, device, dtype)
-    return live_caption_encoder(text.tokenizer_1, text.tokenizer_2, encoder_1, encoder_2, device)
+    return live_caption_encoder(text.tokenizer_1, text.tokenizer_2, encoder_1, encoder_2, device, max_token_length)
 
 
 def _evaluator(config: Config, accelerator: Any, parts: SDXLParts, caches: FilledCaches, trained, history: RunHistory) -> Evaluator:
@@ -118,7 +131,9 @@ def _evaluator(config: Config, accelerator: Any, parts: SDXLParts, caches: Fille
         trained=trained,
         unet=unet,
         noise_scheduler=parts.noise_scheduler,
-        encode_captions=_caption_encoder(caches, text, text.text_encoder_1, text.text_encoder_2, device, dtype),
+        encode_captions=_caption_encoder(
+            caches, text, text.text_encoder_1, text.text_encoder_2, device, dtype, config.data.max_token_length
+        ),
         validation=caches.validation,
         drawer=drawer,
     )

@@ -19,12 +19,19 @@ conditioning path is exercised:
 - Two CLIP text encoders: a `CLIPTextModel` and a `CLIPTextModelWithProjection`, whose penultimate
   hidden states are concatenated as on SDXL.
 - A four-level VAE (8x downsampling, as SDXL's) with SDXL's scaling factor, and SDXL's scheduler.
-- A byte-level CLIP tokenizer made here that covers every character, so no word falls back to the
-  unknown token (which in CLIP is the end token and would move the pooled embedding).
+- SDXL's own two CLIP tokenizers (49,408 tokens; the first pads with the end token, the second with
+  `!`), shipped in `pretrained/sdxl-base/`, and SDXL's legacy text-encoder token ids (bos 0, eos 2,
+  pad 1) read from the configs there. With `eos_token_id == 2` transformers pools at the highest
+  token id (CLIP's end token) instead of searching for the end token, so the tiny encoders take the
+  same pooling path as SDXL's.
+
+`make_tiny_tokenizers` makes the byte-level tokenizers of `builtin:shapes-sdxl` (one token per
+character, so every made-up word has real tokens); `scripts/pretrain_example_base.py` uses it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -33,7 +40,7 @@ from lora_trainer.files import directory_atomic, write_text_atomic
 from lora_trainer.model.sdxl_architecture import CLIP_BIGG, CLIP_L, SDXL_UNET
 
 # Bump when the recipe changes, so an old build in a user's cache is not reused.
-TINY_SDXL_VERSION = 1
+TINY_SDXL_VERSION = 2
 
 TEXT_ENCODER_1_WIDTH = 32
 TEXT_ENCODER_2_WIDTH = 64
@@ -51,6 +58,9 @@ def user_cache_dir() -> Path:
 
 PRETRAINED_FOLDER = Path(__file__).resolve().parent / "pretrained"
 PRETRAINED_MODELS = ("shapes-sdxl",)
+# SDXL base 1.0's configs and tokenizers, without weights (scripts/build_clip_tokenizers.py wrote the tokenizers).
+SDXL_BASE_FOLDER = PRETRAINED_FOLDER / "sdxl-base"
+BYTE_LEVEL_VOCAB_SIZE = 2 * 256 + 2
 
 
 def builtin_model_path(name: str) -> Path:
@@ -76,13 +86,21 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
     """Write the tiny SDXL-shaped pipeline (random weights, fixed seed) into `folder`."""
     import torch
     from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
 
     torch.manual_seed(seed)
-    tokenizer_1, tokenizer_2 = make_tiny_tokenizers()
+    tokenizer_1 = CLIPTokenizer.from_pretrained(SDXL_BASE_FOLDER, subfolder="tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(SDXL_BASE_FOLDER, subfolder="tokenizer_2")
+    vocab_size = CLIP_L["vocab_size"]
+    assert len(tokenizer_1) == len(tokenizer_2) == vocab_size, "pretrained/sdxl-base's tokenizers are not CLIP's"
     pipeline = StableDiffusionXLPipeline(
         vae=_tiny_vae(),
-        text_encoder=tiny_text_encoder(TEXT_ENCODER_1_WIDTH, CLIP_L["hidden_act"], tokenizer_1.pad_token_id, projection=False),
-        text_encoder_2=tiny_text_encoder(TEXT_ENCODER_2_WIDTH, CLIP_BIGG["hidden_act"], tokenizer_2.pad_token_id, projection=True),
+        text_encoder=tiny_text_encoder(
+            TEXT_ENCODER_1_WIDTH, CLIP_L["hidden_act"], projection=False, vocab_size=vocab_size, **sdxl_token_ids("text_encoder")
+        ),
+        text_encoder_2=tiny_text_encoder(
+            TEXT_ENCODER_2_WIDTH, CLIP_BIGG["hidden_act"], projection=True, vocab_size=vocab_size, **sdxl_token_ids("text_encoder_2")
+        ),
         tokenizer=tokenizer_1,
         tokenizer_2=tokenizer_2,
         unet=_tiny_unet(),
@@ -117,10 +135,24 @@ def make_tiny_tokenizers():
     return tokenizer_1, tokenizer_2
 
 
-def tiny_text_encoder(width: int, hidden_act: str, pad_token_id: int, projection: bool):
+def sdxl_token_ids(part: str) -> dict[str, int]:
+    """The bos, eos and pad ids in SDXL base 1.0's config of text encoder `part`: its legacy 0, 2 and 1."""
+    config = json.loads((SDXL_BASE_FOLDER / part / "config.json").read_text(encoding="utf-8"))
+    return {name: config[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
+def tiny_text_encoder(
+    width: int,
+    hidden_act: str,
+    pad_token_id: int,
+    projection: bool,
+    vocab_size: int = BYTE_LEVEL_VOCAB_SIZE,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+):
+    """A 3-layer CLIP text encoder; bos and eos default to the two highest ids, where CLIP's tokenizers put them."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    vocab_size = 2 * 256 + 2
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=width,
@@ -130,8 +162,8 @@ def tiny_text_encoder(width: int, hidden_act: str, pad_token_id: int, projection
         num_attention_heads=4,
         max_position_embeddings=MAX_TOKENS,
         hidden_act=hidden_act,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
+        bos_token_id=vocab_size - 2 if bos_token_id is None else bos_token_id,
+        eos_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id,
         pad_token_id=pad_token_id,
     )
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)

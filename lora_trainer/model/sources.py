@@ -1,8 +1,14 @@
-"""Where a model reference points: a diffusers folder, a hub id, or a builtin model (built on first use)."""
+"""Where a model reference points: a single-file checkpoint, a diffusers folder, a hub id, or a builtin model."""
 
 from __future__ import annotations
 
-from lora_trainer.config.model import BUILTIN_PREFIX
+from pathlib import Path
+
+from lora_trainer.config.model import BUILTIN_PREFIX, is_model_file
+
+# SDXL base 1.0's configs and both CLIP tokenizers, without weights: what a single-file SDXL checkpoint
+# holds no description of, shipped so such a file loads with nothing but itself.
+SDXL_BASE_CONFIG = Path(__file__).resolve().parent / "pretrained" / "sdxl-base"
 
 
 def model_location(reference: str) -> str:
@@ -12,3 +18,20 @@ def model_location(reference: str) -> str:
 
         return str(builtin_model_path(reference[len(BUILTIN_PREFIX) :]))
     return reference
+
+
+def is_single_file(reference: str) -> bool:
+    """Whether the reference is one checkpoint file (as model sites ship SDXL) rather than a folder or hub id."""
+    return not reference.startswith(BUILTIN_PREFIX) and is_model_file(reference)
+
+
+def is_hub_id(reference: str) -> bool:
+    return not reference.startswith(BUILTIN_PREFIX) and not Path(reference).expanduser().exists()
+
+
+def display_name(reference: str) -> str:
+    """The name a LoRA's metadata gives its base: the file or folder's own name (not the user's whole path),
+    a hub id or a builtin name as written."""
+    if reference.startswith(BUILTIN_PREFIX) or is_hub_id(reference):
+        return reference
+    return Path(reference).name

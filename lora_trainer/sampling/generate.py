@@ -24,9 +24,11 @@ from lora_trainer.config.sample_command import SampleRequest
 from lora_trainer.export.load import load_loras_into
 from lora_trainer.export.lora_file import read_lora_file
 from lora_trainer.files import write_bytes_atomic
+from lora_trainer.model.conditioning import CHUNK_TOKENS, live_caption_encoder
 from lora_trainer.model.parts import TextEncoders, load_sdxl
 from lora_trainer.model.vae import unscale_latents
 from lora_trainer.progress import progress_bar
+from lora_trainer.sampling.base_check import warn_about_other_bases
 from lora_trainer.sampling.png_info import GenerationInfo, save_png
 from lora_trainer.sampling.schedulers import make_scheduler
 
@@ -53,6 +55,7 @@ def sample_images(request: SampleRequest) -> list[Path]:
     device, dtype = inference_device()
     files = [(read_lora_file(choice.path), choice.weight, str(choice.path)) for choice in request.loras]  # a bad file fails early
     parts = load_sdxl(request.model)
+    warn_about_other_bases(files, request.model)
     load_loras_into(parts.lora_targets(), files)
     pipeline = pipeline_from_parts(parts.unet, parts.text, parts.vae, parts.noise_scheduler)
     place(pipeline, device, dtype)
@@ -62,13 +65,13 @@ def sample_images(request: SampleRequest) -> list[Path]:
     model, out = request.model.pretrained, request.out
     paths = []
     for drawing in progress_bar(drawings(specs, request.images_per_prompt), desc="sampling", unit="img"):
-        image = draw(pipeline, drawing)
+        image = draw(pipeline, drawing, request.max_token_length)
         stem = f"{drawing.index:02d}-{slug(drawing.spec.prompt)}-seed{drawing.seed}"
         paths.append(out / f"{stem}.png")
         save_png(paths[-1], image, generation_info(drawing, model, lora_names))
         if request.compare:
             with adapters_disabled(parts.lora_targets().values()):
-                base = draw(pipeline, drawing)
+                base = draw(pipeline, drawing, request.max_token_length)
             save_png(out / f"{stem}-base.png", base, generation_info(drawing, model, ()))
             paths.append(out / f"{stem}-compare.png")
             write_bytes_atomic(paths[-1], _png(side_by_side(base, image, "without LoRA", "with LoRA")))
@@ -99,14 +102,13 @@ def pipeline_from_parts(unet: torch.nn.Module, text: TextEncoders, vae: torch.nn
 
 
 @torch.no_grad()
-def draw(pipeline: Any, drawing: Drawing) -> Image.Image:
+def draw(pipeline: Any, drawing: Drawing, max_token_length: int = CHUNK_TOKENS) -> Image.Image:
     """One image; the same drawing gives the same image on every run (the noise comes from a CPU generator)."""
     spec = drawing.spec
     base_config = pipeline.scheduler.config
     pipeline.scheduler = make_scheduler(spec.sampler, base_config, base_config.prediction_type)
     latents = pipeline(
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt or None,  # None: SDXL's zeroed negative conditioning
+        **prompt_embeddings(pipeline, spec, max_token_length),
         num_inference_steps=spec.steps,
         guidance_scale=spec.guidance_scale,
         width=spec.width,
@@ -115,6 +117,22 @@ def draw(pipeline: Any, drawing: Drawing) -> Image.Image:
         output_type="latent",
     ).images
     return decode(pipeline, latents)[0]
+
+
+def prompt_embeddings(pipeline: Any, spec: PromptSpec, max_token_length: int) -> dict[str, torch.Tensor]:
+    """The prompt (and negative prompt) encoded as training encodes captions, for the pipeline: handed prompt
+    text, it would cut every prompt at 75 tokens. Without a negative prompt the pipeline zeroes the negative
+    conditioning, as SDXL does; a negative prompt gets as many positions as the prompt (same `max_token_length`)."""
+    device = next(pipeline.text_encoder.parameters()).device
+    encode = live_caption_encoder(
+        pipeline.tokenizer, pipeline.tokenizer_2, pipeline.text_encoder, pipeline.text_encoder_2, device, max_token_length
+    )
+    context, pooled = encode([spec.prompt])
+    embeddings = {"prompt_embeds": context, "pooled_prompt_embeds": pooled}
+    if spec.negative_prompt:
+        context, pooled = encode([spec.negative_prompt])
+        embeddings.update(negative_prompt_embeds=context, negative_pooled_prompt_embeds=pooled)
+    return embeddings
 
 
 def decode(pipeline: Any, latents: torch.Tensor) -> list[Image.Image]:
