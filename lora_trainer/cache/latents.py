@@ -26,9 +26,8 @@ from lora_trainer.config.schema import Config
 from lora_trainer.data.buckets import CropPlan
 from lora_trainer.data.images import UnreadableImage, apply_plan, load_rgb, to_model_input
 from lora_trainer.data.records import BadFile, ImageRecord
-from lora_trainer.errors import UserError
 from lora_trainer.files import write_bytes_atomic
-from lora_trainer.model.vae import scale_latents
+from lora_trainer.model.vae import non_finite_latents, scale_latents
 from lora_trainer.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -245,9 +244,6 @@ def _encode_batch(pictures, cache: LatentCache, device: torch.device, outcome: C
         noise = torch.randn(distribution.mean[index].shape, generator=generator).to(device)
         latents = scale_latents(vae, distribution.mean[index] + distribution.std[index] * noise)
         if not torch.isfinite(latents).all():
-            raise UserError(
-                f"{request.record.image_path}: the VAE produced NaN/inf latents; set model.vae to an fp32-safe VAE "
-                "(e.g. madebyollin/sdxl-vae-fp16-fix) or check the image"
-            )
+            raise non_finite_latents(request.record.image_path)
         outcome.entries[request] = cache.store(key, request, latents)
         outcome.encoded += 1

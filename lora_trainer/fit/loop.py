@@ -8,12 +8,11 @@ from typing import Any
 import torch
 
 from lora_trainer.adapters.wiring import trainable_parameters
-from lora_trainer.errors import UserError
 from lora_trainer.fit.objective import draw_noise_and_timesteps
 from lora_trainer.fit.run import Run
 from lora_trainer.fit.save import save_lora
 from lora_trainer.fit.step import training_step
-from lora_trainer.model.vae import scale_latents
+from lora_trainer.model.vae import non_finite_latents, scale_latents
 from lora_trainer.progress import progress_bar
 
 
@@ -42,6 +41,7 @@ def fit(run: Run) -> None:
                         loss = training_step(run.unet, run.encode_captions, run.noise_scheduler, batch, noise, timesteps)
                     loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
                     if not math.isfinite(loss_value):
+                        _check_latents(batch)
                         raise NonFiniteLoss(run.step, epoch, loss_value)
                     window.append(loss_value)
                     accelerator.backward(loss)
@@ -70,16 +70,18 @@ def fit(run: Run) -> None:
 def _latents_of(batch: dict[str, Any], vae: torch.nn.Module | None) -> torch.Tensor:
     if "latents" in batch:
         return batch["latents"]
-    latents = scale_latents(vae, vae.encode(batch["pixels"].to(vae.device, torch.float32)).latent_dist.sample())
-    finite = torch.isfinite(latents).flatten(1).all(dim=1)
+    return scale_latents(vae, vae.encode(batch["pixels"].to(vae.device, torch.float32)).latent_dist.sample())
+
+
+def _check_latents(batch: dict[str, Any]) -> None:
+    """Name the image whose latents are NaN/inf, when the VAE encoded this batch (no latent cache; the cache
+    refuses such an image when it encodes it). Called only once the loss is not finite, which NaN latents
+    always make it, so the step itself checks nothing extra."""
+    if "image_paths" not in batch:
+        return
+    finite = torch.isfinite(batch["latents"]).flatten(1).all(dim=1)
     if not finite.all():
-        # As the latent cache refuses such an image when it encodes it; here it is found a batch at a time.
-        path = batch["image_paths"][int((~finite).nonzero()[0])]
-        raise UserError(
-            f"{path}: the VAE produced NaN/inf latents; set model.vae to an fp32-safe VAE "
-            "(e.g. madebyollin/sdxl-vae-fp16-fix) or check the image"
-        )
-    return latents
+        raise non_finite_latents(batch["image_paths"][int((~finite).nonzero()[0])])
 
 
 def _report(run: Run, bar: Any, epoch: int, loss: float) -> None:

@@ -142,11 +142,7 @@ def cross_attention_width(shapes: Shapes) -> int | None:
 
 def transformer_depths(shapes: Shapes) -> dict[str, int]:
     """Transformer blocks per LDM block (`input_blocks.4`, `middle_block`, ...), counted from key names alone."""
-    found: dict[str, set[str]] = {}
-    for key in shapes:
-        if match := TRANSFORMER_BLOCK.match(key):
-            found.setdefault(match[1], set()).add(match[2])
-    return {block: len(indices) for block, indices in found.items()}
+    return _distinct_indices(shapes, TRANSFORMER_BLOCK)
 
 
 def _adapter(keys: list[str], architecture: str) -> str | None:
@@ -263,9 +259,14 @@ def _dim(shapes: Shapes, key: str, dimension: int) -> int | None:
 
 
 def _block_counts(shapes: Shapes) -> dict[str, int]:
+    return _distinct_indices(shapes, LDM_BLOCK)
+
+
+def _distinct_indices(shapes: Shapes, pattern: re.Pattern[str]) -> dict[str, int]:
+    """For keys matching `pattern` (group 1: a name, group 2: an index), how many distinct indices each name has."""
     found: dict[str, set[str]] = {}
     for key in shapes:
-        if match := LDM_BLOCK.match(key):
+        if match := pattern.match(key):
             found.setdefault(match[1], set()).add(match[2])
     return {name: len(indices) for name, indices in found.items()}
 

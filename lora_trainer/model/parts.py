@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_trainer.config.model import ModelConfig
+from lora_trainer.config.model import ModelConfig, is_model_file
 from lora_trainer.errors import ModelFileError, UserError
 from lora_trainer.model.single_file import (
     TEXT_PREFIX,
@@ -28,7 +28,7 @@ from lora_trainer.model.single_file import (
     conversion_errors,
     quiet_libraries,
 )
-from lora_trainer.model.sources import SDXL_BASE_CONFIG, is_single_file, model_location
+from lora_trainer.model.sources import SDXL_BASE_CONFIG, model_location
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class SDXLParts:
 
     def __init__(self, config: ModelConfig):
         self.config = config
-        self.checkpoint = _single_file(config) if is_single_file(config.pretrained) else None
-        self.vae_file = _vae_file(config) if config.vae and is_single_file(config.vae) else None
+        self.checkpoint = _single_file(config) if is_model_file(config.pretrained) else None
+        self.vae_file = _vae_file(config) if config.vae and is_model_file(config.vae) else None
 
     @cached_property
     def vae(self) -> AutoencoderKL:

@@ -26,21 +26,27 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "conditioner.embedders."
 
 
-class SingleFileCheckpoint:
-    """One checkpoint file, classified on construction; its parts' tensors are read on request."""
+class WeightsFile:
+    """One weights file named in `field`: safetensors, read tensor by tensor, or an allowed pickle, read whole."""
 
-    def __init__(self, path: Path, field: str, require_base_shape: bool):
+    def __init__(self, path: Path, field: str):
         self.path = path
+        self.field = field
         self.label = f"{field}: {path}"
-        if path.suffix.lower() == ".safetensors":
-            tensors, metadata = _header(path, field)
-        else:
-            tensors, metadata = _tensor_infos(self._pickled_state), {}
-        self.facts: CheckpointFacts = inspect_sdxl_checkpoint(self.label, tensors, metadata, require_base_shape=require_base_shape)
+        self.is_safetensors = path.suffix.lower() == ".safetensors"
+
+    def header(self) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        """Every tensor's shape and dtype and the metadata; for safetensors without reading a weight."""
+        if not self.is_safetensors:
+            return _tensor_infos(self._pickled_state), {}
+        try:
+            return read_safetensors_header(self.path)
+        except ModelFileError as error:
+            raise ModelFileError(f"{self.field}: {error}") from None
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every tensor whose key starts with `prefix`, keys as in the file; only those are read from disk."""
-        if self.path.suffix.lower() != ".safetensors":
+        if not self.is_safetensors:
             return {key: value for key, value in self._pickled_state.items() if key.startswith(prefix)}
         from safetensors import safe_open
 
@@ -52,31 +58,26 @@ class SingleFileCheckpoint:
         return read_pickled_state_dict(self.path, self.label)
 
 
-class VaeFile:
+class SingleFileCheckpoint(WeightsFile):
+    """One checkpoint file, classified on construction; its parts' tensors are read on request."""
+
+    def __init__(self, path: Path, field: str, require_base_shape: bool):
+        super().__init__(path, field)
+        tensors, metadata = self.header()
+        self.facts: CheckpointFacts = inspect_sdxl_checkpoint(self.label, tensors, metadata, require_base_shape=require_base_shape)
+
+
+class VaeFile(WeightsFile):
     """A separate VAE file (`model.vae`): its own layout (LDM or diffusers keys), or a whole checkpoint's VAE."""
 
     def __init__(self, path: Path, field: str):
-        self.path = path
-        self.label = f"{field}: {path}"
-        if path.suffix.lower() == ".safetensors":
-            tensors, _ = _header(path, field)
-        else:
-            tensors = _tensor_infos(self._pickled_state)
+        super().__init__(path, field)
+        tensors, _ = self.header()
         self.prefix = VAE_PREFIX if any(key.startswith(VAE_PREFIX) for key in tensors) else ""
         _check_sdxl_vae(self.label, tensors, self.prefix)
 
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        keep = self.prefix + prefix
-        if self.path.suffix.lower() != ".safetensors":
-            return {key: value for key, value in self._pickled_state.items() if key.startswith(keep)}
-        from safetensors import safe_open
-
-        with safe_open(self.path, framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(keep)}
-
-    @cached_property
-    def _pickled_state(self) -> dict[str, torch.Tensor]:
-        return read_pickled_state_dict(self.path, self.label)
+        return super().tensors(self.prefix + prefix)
 
 
 def _check_sdxl_vae(label: str, tensors: Mapping[str, TensorInfo], prefix: str) -> None:
@@ -125,13 +126,6 @@ def read_pickled_state_dict(path: Path, label: str) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, Mapping):
         raise ModelFileError(f"{label}: holds a {type(loaded).__name__}, not a state dict of tensors")
     return {key: value for key, value in loaded.items() if isinstance(key, str) and isinstance(value, torch.Tensor)}
-
-
-def _header(path: Path, field: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    try:
-        return read_safetensors_header(path)
-    except ModelFileError as error:
-        raise ModelFileError(f"{field}: {error}") from None
 
 
 def _tensor_infos(state: Mapping[str, torch.Tensor]) -> dict[str, TensorInfo]:

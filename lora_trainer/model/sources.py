@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_trainer.config.model import BUILTIN_PREFIX, is_model_file
+from lora_trainer.config.model import BUILTIN_PREFIX
 
 # SDXL base 1.0's configs and both CLIP tokenizers, without weights: what a single-file SDXL checkpoint
 # holds no description of, shipped so such a file loads with nothing but itself.
@@ -18,11 +18,6 @@ def model_location(reference: str) -> str:
 
         return str(builtin_model_path(reference[len(BUILTIN_PREFIX) :]))
     return reference
-
-
-def is_single_file(reference: str) -> bool:
-    """Whether the reference is one checkpoint file (as model sites ship SDXL) rather than a folder or hub id."""
-    return not reference.startswith(BUILTIN_PREFIX) and is_model_file(reference)
 
 
 def is_hub_id(reference: str) -> bool:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from lora_trainer.errors import UserError
 
 
 def scale_latents(vae: torch.nn.Module, sample: torch.Tensor) -> torch.Tensor:
@@ -17,3 +21,11 @@ def unscale_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor
 
 def _shift(vae: torch.nn.Module) -> float:
     return getattr(vae.config, "shift_factor", None) or 0.0
+
+
+def non_finite_latents(image: Path | str) -> UserError:
+    """The error for an image the VAE encoded to NaN/inf: mostly a VAE run in fp16 that overflows."""
+    return UserError(
+        f"{image}: the VAE produced NaN/inf latents; set model.vae to an fp32-safe VAE "
+        "(e.g. madebyollin/sdxl-vae-fp16-fix) or check the image"
+    )

@@ -6,10 +6,10 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_trainer.config.model import ModelConfig
+from lora_trainer.config.model import ModelConfig, is_model_file
 from lora_trainer.export.lora_file import LoraFile
 from lora_trainer.model.identity import legacy_model_hash
-from lora_trainer.model.sources import display_name, is_single_file
+from lora_trainer.model.sources import display_name
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ def warn_about_other_bases(loras: Sequence[tuple[LoraFile, float, str]], model: 
     """Warn for each LoRA whose metadata names a different base than `model`; return the warnings."""
     name = display_name(model.pretrained)
     # The short hash reads 64 KiB, so comparing costs nothing even for a 7 GB checkpoint.
-    short_hash = legacy_model_hash(Path(model.pretrained)) if is_single_file(model.pretrained) else ""
+    short_hash = legacy_model_hash(Path(model.pretrained)) if is_model_file(model.pretrained) else ""
     warnings = []
     for lora, _, source in loras:
         trained_name = lora.metadata.get("ss_sd_model_name", "")
