@@ -17,7 +17,20 @@ import typer
 from typer.core import TyperCommand
 
 from lora_trainer.config.sample_command import RENAMED_OPTIONS, SAMPLE_OPTIONS, SampleOption, parameter_name
-from lora_trainer.errors import UserError
+from lora_trainer.errors import ConfigError, UserError
+from lora_trainer.fit.stopping import Interrupted
+
+
+class UsageError(ConfigError):
+    """Options that contradict each other."""
+
+
+class Stopped(Exception):
+    """A run that stopped on request with everything saved: not an error, but not a finished run either."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class _Command(TyperCommand):
@@ -59,16 +72,49 @@ Overrides = Annotated[
 ]
 
 
+Resume = Annotated[
+    str | None,
+    typer.Option(
+        "--resume", metavar="latest|STATE",
+        help="Continue a stopped run from its newest saved state (latest) or from a state folder under <output.dir>/states.",
+        show_default=False,
+    ),
+]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the files of an earlier run of the same output.name in output.dir.")
+]
+
+
 @app.command(cls=_Command)
-def train(config: ConfigPath, overrides: Overrides = None) -> None:
-    """Train a LoRA: cache latents (if not cached yet), train, and write <output.dir>/<output.name>.safetensors."""
+def train(config: ConfigPath, overrides: Overrides = None, resume: Resume = None, overwrite: Overwrite = False) -> None:
+    """Train a LoRA: cache latents (if not cached yet), train, and write <output.dir>/<output.name>.safetensors.
+    Ctrl-C or SIGTERM finishes the step, saves the state and a LoRA, and says how to resume."""
     from lora_trainer.config.load import load_config
 
     settings = load_config(config, overrides)
+    if resume is not None and overwrite:
+        raise UsageError("--resume continues a run and --overwrite replaces it; give one of them")
+    check_output_locations(settings)
+    from lora_trainer.fit.stopping import TrainingStopped
     from lora_trainer.fit.train import train as run_training
 
-    path = run_training(settings)
-    typer.echo(f"saved {path}")
+    try:
+        path = run_training(settings, resume, overwrite)
+    except TrainingStopped as stopped:
+        again = " ".join(["lora-train train", str(config), *(f"--set {item}" for item in overrides or []), "--resume latest"])
+        raise Stopped(f"{stopped}; continue with: {again}", stopped.exit_code) from None
+    from lora_trainer.fit.accelerator import is_first_process
+
+    if is_first_process():  # with several processes, only the first writes the file
+        typer.echo(f"saved {path}")
+
+
+def check_output_locations(settings: Any) -> None:
+    """Fail now, not after the models load, when the run could not write its files."""
+    from lora_trainer.config.locations import check_writable
+
+    check_writable(settings.output.dir, "output.dir")
+    check_writable(settings.cache_dir, "data.cache_dir" if settings.data.cache_dir else "output.dir (its latent_cache folder)")
 
 
 @app.command("cache-latents", cls=_Command)
@@ -78,6 +124,9 @@ def cache_latents(config: ConfigPath, overrides: Overrides = None) -> None:
     from lora_trainer.config.load import load_config
 
     settings = load_config(config, overrides)
+    from lora_trainer.config.locations import check_writable
+
+    check_writable(settings.cache_dir, "data.cache_dir" if settings.data.cache_dir else "output.dir (its latent_cache folder)")
     from lora_trainer.cache.fill import precache
 
     for line in precache(settings):
@@ -141,16 +190,19 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns expected failures into one-line messages and exit codes."""
     _quiet_libraries()
     try:
-        app(args=argv, prog_name="lora-train", standalone_mode=False)
+        code = app(args=argv, prog_name="lora-train", standalone_mode=False)
+    except Stopped as stopped:
+        print(str(stopped), file=sys.stderr)
+        sys.exit(stopped.exit_code)
     except UserError as error:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         sys.exit(error.exit_code)
     except typer.Exit as done:
         sys.exit(done.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        print("interrupted; files already saved are complete, nothing half-written was left", file=sys.stderr)
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt, Interrupted) as interrupt:
+        _say_interrupted()
+        sys.exit(getattr(interrupt, "exit_code", 130))
     except typer.TyperException as error:  # usage errors: unknown command or option, bad option value
         show = getattr(error, "show", None)
         if show is not None:
@@ -158,6 +210,15 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"error: {error.format_message()}", file=sys.stderr)
         sys.exit(error.exit_code)
+    # Outside standalone mode Typer hands back the exit code instead of exiting (130 for a Ctrl-C it caught).
+    if isinstance(code, int) and code:
+        if code == 130:
+            _say_interrupted()
+        sys.exit(code)
+
+
+def _say_interrupted() -> None:
+    print("\ninterrupted; files already saved are complete, nothing half-written was left", file=sys.stderr)
 
 
 def _quiet_libraries() -> None:

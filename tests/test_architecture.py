@@ -15,7 +15,7 @@ STAGES = {"config", "data", "model", "adapters", "cache", "export", "sampling", 
 # What each stage, and each top-level module, may import of lora_trainer (ARCHITECTURE.md, "Rules").
 ALLOWED = {
     "errors": set(),
-    "files": set(),
+    "files": {"errors"},  # a failed write is a one-line user error
     "progress": set(),
     "config": SHARED,
     "data": SHARED | {"config"},

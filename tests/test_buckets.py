@@ -94,17 +94,17 @@ def test_batches_never_mix_buckets_and_cover_each_item_once_per_epoch():
         sampler.set_epoch(epoch)
         batches = list(sampler)
         assert len(batches) == len(sampler) == 4 + 3 + 2
-        assert all(item_epoch == epoch for batch in batches for _, item_epoch in batch)
-        indices = [index for batch in batches for index, _ in batch]
+        assert all(key.epoch == epoch for batch in batches for key in batch)
+        indices = [key.index for batch in batches for key in batch]
         assert sorted(indices) == list(range(len(BUCKETS)))
-        assert all(len({BUCKETS[index] for index, _ in batch}) == 1 for batch in batches)
+        assert all(len({BUCKETS[key.index] for key in batch}) == 1 for batch in batches)
 
 
 def test_order_is_reproducible_from_the_seed_and_changes_every_epoch():
     def order(seed: int, epoch: int) -> list:
         sampler = BucketBatches(BUCKETS, batch_size=2, seed=seed)
         sampler.set_epoch(epoch)
-        return [index for batch in sampler for index, _ in batch]
+        return [key.index for batch in sampler for key in batch]
 
     assert order(0, 1) == order(0, 1)
     assert order(0, 1) != order(0, 2)
@@ -118,8 +118,8 @@ def test_order_is_reproducible_from_the_seed_and_changes_every_epoch():
 def test_iterating_again_moves_to_the_next_epoch():
     sampler = BucketBatches(BUCKETS, batch_size=2, seed=0)
     first, second = list(sampler), list(sampler)
-    assert {epoch for batch in first for _, epoch in batch} == {1}
-    assert {epoch for batch in second for _, epoch in batch} == {2}
+    assert {key.epoch for batch in first for key in batch} == {1}
+    assert {key.epoch for batch in second for key in batch} == {2}
 
 
 def test_processes_share_an_epoch_evenly_without_mixing_buckets():
@@ -128,6 +128,6 @@ def test_processes_share_an_epoch_evenly_without_mixing_buckets():
         sampler = BucketBatches(BUCKETS, batch_size=2, seed=0, num_processes=4, process_index=rank)
         shards.append(list(sampler))
     assert {len(shard) for shard in shards} == {3}  # 9 batches padded to 12 so every process steps alike
-    seen = {index for shard in shards for batch in shard for index, _ in batch}
+    seen = {key.index for shard in shards for batch in shard for key in batch}
     assert seen == set(range(len(BUCKETS)))
-    assert all(len({BUCKETS[index] for index, _ in batch}) == 1 for shard in shards for batch in shard)
+    assert all(len({BUCKETS[key.index] for key in batch}) == 1 for shard in shards for batch in shard)

@@ -3,7 +3,7 @@
 Settings (written here so the test states what it checks): the tiny random SDXL-shaped model,
 the 12 example images at 128 px, LoRA rank 8 / alpha 8 on the UNet and both text encoders, AdamW at
 lr 1e-2 with a cosine schedule, batch 4, 200 steps, fp32. The loss is measured over all 12 images with 4 fixed noise draws
-and timesteps each, before and after training. Required: at least 5% lower for each of 5 seeds, and
+and timesteps each, before and after training. Required: at least 5% lower for each of 3 seeds, and
 at least 10% lower in the median.
 """
 
@@ -23,7 +23,7 @@ from lora_trainer.fit.setup import setup
 from lora_trainer.fit.step import training_step
 
 pytestmark = pytest.mark.learning
-SEEDS = (0, 1, 2, 3, 4)
+SEEDS = (0, 1, 2)
 STEPS = 200
 
 

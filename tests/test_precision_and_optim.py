@@ -90,7 +90,7 @@ def test_warmup_ramps_the_learning_rate():
     parameter = torch.nn.Parameter(torch.zeros(1))
     config = TrainingConfig(learning_rate=1.0, lr_scheduler="constant_with_warmup", lr_warmup_steps=4)
     optimizer = make_optimizer([{"params": [parameter]}], config)
-    scheduler = make_lr_scheduler(optimizer, config, total_steps=10, num_processes=1)
+    scheduler = make_lr_scheduler(optimizer, config, total_steps=10)
     rates = []
     for _ in range(6):
         rates.append(scheduler.get_last_lr()[0])

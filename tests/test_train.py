@@ -12,6 +12,7 @@ from conftest import MIXED_SHAPES, run_cli, train_in_process, write_yaml
 from lora_trainer.adapters.lora import lora_layers
 from lora_trainer.config.load import parse_config
 from lora_trainer.config.model import ModelConfig
+from lora_trainer.errors import WriteFailed
 from lora_trainer.export.lora_file import read_lora_file
 
 
@@ -20,7 +21,7 @@ def test_quickstart_runs_end_to_end_from_the_cli(quickstart_run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == f"saved {out / 'quickstart.safetensors'}"
     assert "Traceback" not in result.stderr
-    assert "training" in result.stderr and "step/s" in result.stderr  # the progress bar with its rate
+    assert "training" in result.stderr and "steps/s" in result.stderr  # the progress bar with its rate
 
     lora = read_lora_file(out / "quickstart.safetensors")
     assert {name.split("_")[1] for name in lora.weights} == {"unet", "te1", "te2"}
@@ -158,7 +159,7 @@ def test_a_crash_while_saving_keeps_the_previous_file_whole(raw_config, tmp_path
 
     monkeypatch.setattr(files.os, "fsync", crash)
     raw_config["training"]["max_steps"] = 4
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteFailed, match="disk full; the previous .* is unchanged"):
         train_in_process(raw_config)
     assert path.read_bytes() == before
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]

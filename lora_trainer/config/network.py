@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
 
 from lora_trainer.config.section import Section
 
@@ -29,6 +31,24 @@ class NetworkConfig(Section):
 
     text_encoder_learning_rate: float | None = Field(None, gt=0)
     """Learning rate of the text-encoder adapters; default: `training.learning_rate`."""
+
+    init_weights: Path | None = None
+    """Start the adapters from this LoRA file's weights (kohya's `--network_weights`) instead of from zero; the
+    optimizer and schedule start fresh (this is not a resume). The file must have been trained with the same rank
+    and alpha on the same modules: its UNet and text-encoder parts need the matching `train_*` settings on, and
+    adapted modules the file lacks start fresh, with a warning. A `.safetensors` file only; pickles are never read."""
+
+    @field_validator("init_weights")
+    @classmethod
+    def _check_init_weights(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        resolved = value.expanduser().resolve()
+        if resolved.suffix.lower() != ".safetensors":
+            raise ValueError(f"must be a .safetensors LoRA file (pickles such as .ckpt/.pt are never read), got {resolved}")
+        if not resolved.is_file():
+            raise ValueError(f"file not found: {resolved}")
+        return resolved
 
     @model_validator(mode="after")
     def _check_some_part_trains(self) -> NetworkConfig:

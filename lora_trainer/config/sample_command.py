@@ -9,11 +9,13 @@ as the field it sets, and with `--config` it overrides what that config says.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from lora_trainer.config.data import DataConfig
 from lora_trainer.config.evaluation import SampleConfig
@@ -42,6 +44,13 @@ class SampleCommand(Section):
 
     out: Path = Path("samples")
     """Folder for the PNG files."""
+
+    @field_validator("loras")
+    @classmethod
+    def _check_loras(cls, value: list[str]) -> list[str]:
+        for text in value:
+            _split_lora(text)
+        return value
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,7 @@ def sample_request(given: dict[str, Any]) -> SampleRequest:
     loras = [lora_choice(text) for text in command.loras]
     if not loras and base is not None:
         loras = [trained_lora(base, command.config)]
+    check_out_folder(command.out)
     return SampleRequest(model, specs, loras, command.images, command.compare, command.out, data.max_token_length)
 
 
@@ -136,17 +146,44 @@ def parameter_name(flag: str) -> str:
 
 def lora_choice(text: str) -> LoraChoice:
     """`file.safetensors` or `file.safetensors:0.8`."""
-    path_text, weight = text, 1.0
-    head, separator, tail = text.rpartition(":")
-    if separator:
-        try:
-            path_text, weight = head, float(tail)
-        except ValueError:
-            pass  # a colon inside the path, not a weight
+    try:
+        path_text, weight = _split_lora(text)
+    except ValueError as error:
+        raise ConfigError(f"--lora: {error}") from None
     path = Path(path_text).expanduser()
     if not path.is_file():
         raise ConfigError(f"--lora: file not found: {path}")
     return LoraChoice(path, weight)
+
+
+def _split_lora(text: str) -> tuple[str, float]:
+    """The file and the weight of `file.safetensors[:WEIGHT]`; a weight that is not finite is a ValueError."""
+    head, separator, tail = text.rpartition(":")
+    if not separator:
+        return text, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        return text, 1.0  # a colon inside the path, not a weight
+    if not math.isfinite(weight):
+        raise ValueError(f"the weight of {head} must be a finite number, like 0.8, got {tail}")
+    return head, weight
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an `--out` the images cannot be written into, before any model loads: a file, a path under a
+    file, or a folder (or, for one not made yet, the nearest existing folder above it) that is not writable."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.exists():  # nothing above it exists, not even the root: nothing to check here
+        return
+    if not existing.is_dir():
+        where = f"{out} is a file" if existing == out else f"{out} is under {existing}, which is a file"
+        raise ConfigError(f"--out: {where}, not a folder; give a folder for the images")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = f"{out} is" if existing == out else f"{out} would be made in {existing}, which is"
+        raise ConfigError(f"--out: {where} not writable; give a folder you can write to")
 
 
 def trained_lora(config: Config, source: Path) -> LoraChoice:

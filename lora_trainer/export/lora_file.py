@@ -9,6 +9,7 @@ and how we prove that each UI loads it, is docs/lora-format.md.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from lora_trainer.files import write_bytes_atomic
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class LoraFile:
@@ -35,18 +38,47 @@ class LoraFile:
 def to_kohya_tensors(
     weights_by_part: Mapping[str, tuple[torch.nn.Module, Mapping[str, LoraWeights]]], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Kohya-format tensors for each part's adapters; `weights_by_part[part] = (model, weights by module path)`."""
-    tensors: dict[str, torch.Tensor] = {}
+    """Kohya-format tensors for each part's adapters; `weights_by_part[part] = (model, weights by module path)`.
+
+    The weights are cast to `dtype`, or to fp32 when `dtype` would overflow them (see `cast_tensors`): the
+    dtype of the returned weights is the one the file is saved in."""
+    weights_tensors: dict[str, torch.Tensor] = {}
+    alphas: dict[str, torch.Tensor] = {}
     for part, (model, weights) in weights_by_part.items():
         for module_path, module in weights.items():
             name = kohya_module_name(part, module_path, model)
             if name is None:
                 raise ValueError(f"{part} module {module_path!r} has no name in kohya's SDXL format")
-            tensors[f"{name}.lora_down.weight"] = module.down.detach().to("cpu", dtype).contiguous()
-            tensors[f"{name}.lora_up.weight"] = module.up.detach().to("cpu", dtype).contiguous()
+            weights_tensors[f"{name}.lora_down.weight"] = module.down
+            weights_tensors[f"{name}.lora_up.weight"] = module.up
             # fp32 whatever the weights' dtype: an alpha like 0.3 is not exact in fp16.
-            tensors[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
+            alphas[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
+    cast = cast_tensors(weights_tensors, dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    for key in weights_tensors:  # each module's down, up, alpha together, as before
+        tensors[key] = cast[key]
+        if key.endswith(".lora_up.weight"):
+            alpha_key = key.removesuffix(".lora_up.weight") + ".alpha"
+            tensors[alpha_key] = alphas[alpha_key]
     return tensors
+
+
+def cast_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors on the CPU in `dtype`; in fp32 instead, with a warning, if the cast makes a finite tensor
+    non-finite (fp16 tops out at 65504). Tensors that were not finite to begin with are cast as asked."""
+    cast = {key: tensor.detach().to("cpu", dtype).contiguous() for key, tensor in tensors.items()}
+    if dtype == torch.float32:
+        return cast
+    overflowed = sum(
+        1 for key, tensor in cast.items() if not bool(torch.isfinite(tensor).all()) and bool(torch.isfinite(tensors[key]).all())
+    )
+    if not overflowed:
+        return cast
+    name = next((known for known, value in SAVE_DTYPES.items() if value == dtype), str(dtype).removeprefix("torch."))
+    log.warning(
+        "%d of %d tensors overflow %s; saving this LoRA in fp32 instead (output.save_dtype: %s)", overflowed, len(cast), name, name
+    )
+    return {key: tensor.detach().to("cpu", torch.float32).contiguous() for key, tensor in tensors.items()}
 
 
 def save_lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> None:

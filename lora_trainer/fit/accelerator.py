@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from lora_trainer.config.schema import Config
@@ -27,8 +28,20 @@ def start_accelerator(config: Config) -> tuple[Config, Any]:
     return config, accelerator
 
 
-def start_trackers(accelerator: Any, config: Config) -> None:
-    accelerator.init_trackers(config.output.name, config=tracker_hyperparameters(config))
+def is_first_process() -> bool:
+    """Whether this is the run's main process, from the launcher's environment (torchrun, accelerate launch,
+    MPI), before the Accelerator exists: creating Accelerate's state early would fix it without the
+    launch's `cpu` setting."""
+    for variable in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if variable in os.environ:
+            return int(os.environ[variable]) == 0
+    return True
+
+
+def start_trackers(accelerator: Any, config: Config, purge_step: int | None = None) -> None:
+    """TensorBoard logging; `purge_step` hides the points a killed run logged from that step on."""
+    options = {"tensorboard": {"purge_step": purge_step}} if purge_step is not None else {}
+    accelerator.init_trackers(config.output.name, config=tracker_hyperparameters(config), init_kwargs=options)
 
 
 def tensorboard(accelerator: Any) -> Any:

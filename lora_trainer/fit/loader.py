@@ -8,6 +8,8 @@ by the run's seed, the epoch and the item, so they change every epoch and repeat
 from __future__ import annotations
 
 import random
+import signal
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +24,7 @@ from lora_trainer.data.captions import training_caption
 from lora_trainer.data.epochs import epoch_items
 from lora_trainer.data.images import UnreadableImage, apply_plan, load_rgb, to_model_input
 from lora_trainer.errors import UserError
-from lora_trainer.fit.batches import BucketBatches
+from lora_trainer.fit.batches import BucketBatches, DataKey, noise_seed
 from lora_trainer.model.conditioning import time_ids
 
 
@@ -35,7 +37,10 @@ def make_dataloader(data: TrainingData, config: Config, accelerator: Any) -> Any
     batches = BucketBatches(dataset.buckets(), config.training.batch_size, seed, accelerator.num_processes, accelerator.process_index)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.data.workers,
-        persistent_workers=config.data.workers > 0,
+        persistent_workers=config.data.workers > 0, worker_init_fn=prepare_worker if config.data.workers else None,
+        # Its own generator: each new epoch's iterator draws a seed from it, which from torch's global generator
+        # would shift the adapters' dropout after a resume (the resumed run starts its iterator at another time).
+        generator=torch.Generator().manual_seed(seed),
     )
     # Our batches are already split between processes; Accelerate only tracks the loader's end (for
     # gradient accumulation) and moves batches to the device.
@@ -55,8 +60,8 @@ class TrainingDataset(Dataset):
     def buckets(self) -> list[tuple[int, int]]:
         return [item.plan.bucket for item in self.items]
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, epoch = key
+    def __getitem__(self, key: DataKey | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key[0], key[1]
         item = self.items[index]
         options = self.datasets[item.record.dataset_index]
         rng = random.Random(f"item:{self.seed}:{epoch}:{index}")
@@ -67,6 +72,8 @@ class TrainingDataset(Dataset):
             "time_ids": _time_ids(plan.flipped() if flip else plan),
             "loss_weight": torch.tensor(item.record.loss_weight, dtype=torch.float32),
         }
+        if isinstance(key, DataKey):
+            example["noise_seed"] = noise_seed(self.seed, key)
         if item.latent is None:
             try:
                 image = load_rgb(item.record.image_path, self.background, plan.resized)
@@ -89,8 +96,24 @@ def collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "captions": [example["caption"] for example in examples],
         "loss_weights": torch.stack([example["loss_weight"] for example in examples]),
     }
+    if "noise_seed" in examples[0]:
+        batch["noise_seeds"] = [example["noise_seed"] for example in examples]
     source = "latents" if "latents" in examples[0] else "pixels"
     batch[source] = torch.stack([example[source] for example in examples])
     if source == "pixels":
         batch["image_paths"] = [example["image_path"] for example in examples]
     return batch
+
+
+def prepare_worker(_worker_id: int) -> None:
+    """Data-loader workers leave Ctrl-C to the main process, which finishes its step and saves (a terminal sends
+    SIGINT to every process of the group, and a worker dying of it would end the run at once). And a worker
+    whose main process stopped while taking a batch from it has nothing to report: the main process says why
+    it stopped; torch's file-descriptor transfer would print a traceback of the dropped connection."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = _quiet_dropped_transfers
+
+
+def _quiet_dropped_transfers(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+    if not isinstance(error, (EOFError, OSError)):  # a connection the main process dropped
+        sys.__excepthook__(kind, error, traceback)

@@ -1,4 +1,5 @@
-"""The training loop: batches -> noise and timesteps -> the step's loss -> Accelerate's backward and step."""
+"""The training loop: batches -> noise and timesteps -> the step's loss -> Accelerate's backward and step, and
+what is due after a step or an epoch: logs, saves, training states, evaluations, a requested stop."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from typing import Any
 import torch
 
 from lora_trainer.adapters.wiring import trainable_parameters
-from lora_trainer.fit.objective import draw_noise_and_timesteps
+from lora_trainer.fit.objective import seeded_noise_and_timesteps
 from lora_trainer.fit.run import Run
-from lora_trainer.fit.save import save_lora
+from lora_trainer.fit.save import prune_saves, save_lora, save_state
+from lora_trainer.fit.state import Position
 from lora_trainer.fit.step import training_step
+from lora_trainer.fit.stopping import SIGNAL_NAMES, StopSignals, TrainingStopped, shared_stop_request
 from lora_trainer.model.vae import non_finite_latents, scale_latents
 from lora_trainer.progress import progress_bar
 
@@ -22,48 +25,105 @@ class NonFiniteLoss(Exception):
         self.step, self.epoch, self.loss = step, epoch, loss
 
 
-def fit(run: Run) -> None:
-    accelerator, config = run.accelerator, run.config
+def fit(run: Run, stop: StopSignals | None = None) -> None:
+    accelerator = run.accelerator
+    stop = stop or StopSignals()
     trainable = [parameter for model in run.trained.values() for parameter in trainable_parameters(model)]
-    window: list[float] = []
     if run.step == 0:
         run.evaluator.after_epoch(0, run.step, last=False)  # the baseline: before any step
-    with progress_bar(total=run.total_steps, desc="training", unit="step", disable=not accelerator.is_local_main_process) as bar:
-        for epoch in range(1, run.epochs + 1):
+    bar = progress_bar(total=run.total_steps, initial=run.step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+    with bar, stop.graceful():
+        for epoch in range(run.start_epoch, run.epochs + 1):
             for model in run.trained.values():
                 model.train()  # adapter dropout is active only in training mode
             run.dataloader.set_epoch(epoch)
+            batches_done = run.resume_batches if epoch == run.start_epoch else 0
+            losses: list[float] = []
             for batch in run.dataloader:
+                batches_done += 1
                 with accelerator.accumulate(*run.trained.values()):
-                    latents = batch["latents"] = _latents_of(batch, run.vae)
-                    noise, timesteps = draw_noise_and_timesteps(latents, run.noise_scheduler.config.num_train_timesteps)
-                    with accelerator.autocast():
-                        loss = training_step(run.unet, run.encode_captions, run.noise_scheduler, batch, noise, timesteps)
-                    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-                    if not math.isfinite(loss_value):
-                        _check_latents(batch)
-                        raise NonFiniteLoss(run.step, epoch, loss_value)
-                    window.append(loss_value)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.training.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trainable, config.training.max_grad_norm)
-                    run.optimizer.step()
-                    run.lr_scheduler.step()
-                    run.optimizer.zero_grad(set_to_none=True)
+                    losses.append(_train_on(run, batch, epoch, trainable))
                 if accelerator.sync_gradients:
+                    if not accelerator.optimizer_step_was_skipped:
+                        run.lr_scheduler.step()
                     run.step += 1
-                    _report(run, bar, epoch, sum(window) / len(window))
-                    window.clear()
-                    run.evaluator.after_step(epoch, run.step)
+                    _report(run, bar, epoch, sum(losses) / len(losses))
+                    losses.clear()
+                    _after_step(run, stop, Position(run.step, epoch, batches_done))
                     if run.step >= run.total_steps:
                         break
             last = run.step >= run.total_steps or epoch == run.epochs
-            every = config.output.save_every_n_epochs
-            if every and epoch % every == 0 and not last:
-                save_lora(run, f"{config.output.name}-{epoch:06d}", epoch)
-            run.evaluator.after_epoch(epoch, run.step, last)
+            _after_epoch(run, stop, epoch, last)
             if last:
                 break
+
+
+def _train_on(run: Run, batch: dict[str, Any], epoch: int, trainable: list[torch.nn.Parameter]) -> float:
+    """Forward, backward and (when the accumulation is complete) the optimizer step of one batch; its loss."""
+    accelerator, config = run.accelerator, run.config
+    latents = batch["latents"] = _latents_of(batch, run.vae)
+    noise, timesteps = seeded_noise_and_timesteps(latents, run.noise_scheduler.config.num_train_timesteps, batch["noise_seeds"])
+    with accelerator.autocast():
+        loss = training_step(run.unet, run.encode_captions, run.noise_scheduler, batch, noise, timesteps)
+    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+    if not math.isfinite(loss_value):
+        _check_latents(batch)
+        raise NonFiniteLoss(run.step, epoch, loss_value)
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and config.training.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(trainable, config.training.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_value
+
+
+def _after_step(run: Run, stop: StopSignals, position: Position) -> None:
+    output = run.config.output
+    run.evaluator.after_step(position.epoch, run.step)
+    ends_epoch = position.batches_done == run.batches_per_epoch or run.step >= run.total_steps
+    if not ends_epoch:  # at an epoch's end these wait for the epoch's own saves and evaluations
+        if output.save_every_n_steps and run.step % output.save_every_n_steps == 0:
+            save_lora(run, f"{output.name}-step{run.step:06d}", position.epoch)
+            prune_saves(output, "step")
+        if output.save_state_every_n_steps and run.step % output.save_state_every_n_steps == 0:
+            save_state(run, position)
+    _stop_if_asked(run, stop, position)
+
+
+def _after_epoch(run: Run, stop: StopSignals, epoch: int, last: bool) -> None:
+    output = run.config.output
+    every = output.save_every_n_epochs
+    if every and epoch % every == 0 and not last:
+        save_lora(run, f"{output.name}-{epoch:06d}", epoch)
+        prune_saves(output, "epoch")
+    steps_due = output.save_every_n_steps and run.step % output.save_every_n_steps == 0 and not last
+    if steps_due:
+        save_lora(run, f"{output.name}-step{run.step:06d}", epoch)
+        prune_saves(output, "step")
+    run.evaluator.after_epoch(epoch, run.step, last)
+    position = Position(run.step, epoch + 1, 0)
+    state_steps_due = output.save_state_every_n_steps and run.step % output.save_state_every_n_steps == 0
+    state_epochs_due = output.save_state_every_n_epochs and epoch % output.save_state_every_n_epochs == 0
+    if state_steps_due or state_epochs_due or (last and output.saves_states):
+        save_state(run, position)
+    if not last:
+        _stop_if_asked(run, stop, position)
+
+
+def _stop_if_asked(run: Run, stop: StopSignals, position: Position) -> None:
+    """After a whole step: on a Ctrl-C or SIGTERM that any process received, save the state and this step's
+    LoRA and end the run (every process decides alike, from the shared request)."""
+    received = shared_stop_request(stop, run.accelerator)
+    if received is None:
+        return
+    folder = save_state(run, position)
+    path = save_lora(run, f"{run.config.output.name}-step{run.step:06d}", position.epoch)
+    saved = f"state saved in {folder}" if folder is not None else "the state could NOT be saved (see above)"
+    raise TrainingStopped(
+        received,
+        f"stopped by {SIGNAL_NAMES.get(received, received)} after step {run.step} of {run.total_steps} (epoch "
+        f"{min(position.epoch, run.epochs)} of {run.epochs}); {saved}; the LoRA of step {run.step} is {path}",
+    )
 
 
 @torch.no_grad()

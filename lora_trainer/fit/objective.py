@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,19 @@ def draw_noise_and_timesteps(
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
     return noise, timesteps
+
+
+def seeded_noise_and_timesteps(
+    latents: torch.Tensor, num_train_timesteps: int, seeds: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and a uniform timestep for each sample from its own seed (`fit.batches.noise_seed`): what one
+    image gets does not depend on its batch mates, the process it landed on, or where a run resumed."""
+    noises, timesteps = [], []
+    for seed in seeds:
+        generator = torch.Generator(device=latents.device).manual_seed(seed)
+        noises.append(torch.randn(latents.shape[1:], generator=generator, device=latents.device, dtype=latents.dtype))
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator, device=latents.device))
+    return torch.stack(noises), torch.cat(timesteps)
 
 
 def prediction_target(

@@ -42,17 +42,18 @@ def parameter_groups(trained: dict[str, torch.nn.Module], config: Config) -> lis
     return groups
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, total_steps: int, num_processes: int):
-    """The configured schedule over `total_steps` optimizer steps.
-
-    Accelerate's prepared scheduler advances once per process for every optimizer step, so
-    warmup and length are counted in process-steps.
-    """
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, total_steps: int):
+    """The configured schedule over `total_steps` optimizer steps, stepped once per optimizer step by the loop
+    (not through Accelerate, whose prepared schedule steps once per process: its position would then depend
+    on the number of processes, and a run could not resume on another number)."""
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(
-        config.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps * num_processes,
-        num_training_steps=total_steps * num_processes,
+        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps
     )
+
+
+def learning_rate_at(config: TrainingConfig, total_steps: int, step: int) -> float:
+    """The UNet's learning rate in optimizer step `step` (counted from 1) of a run of `total_steps`."""
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    return config.learning_rate * make_lr_scheduler(probe, config, total_steps).lr_lambdas[0](step - 1)

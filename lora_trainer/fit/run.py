@@ -31,12 +31,17 @@ class Run:
     dataloader: Any
     total_steps: int
     epochs: int
+    batches_per_epoch: int  # global batches (each process takes its share of every one)
     history: RunHistory
     evaluator: Evaluator  # validation loss and sample images between epochs
     base: BaseModel  # what the LoRA's metadata says it was trained on
+    data_fingerprint: str  # names the images and captions, so a resume on other data is refused
     vae: torch.nn.Module | None = None  # set when images are encoded every step instead of cached
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     step: int = 0
+    start_epoch: int = 1  # later when resumed
+    resume_batches: int = 0  # global batches of `start_epoch` the saved run had trained
+    last_state: Any = None  # the Position of the newest state saved, so one position is never saved twice
 
     @property
     def noise_scheduler(self) -> Any:

@@ -4,16 +4,20 @@ the end the history and the report."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
 
 from lora_trainer.adapters.lora import read_lora_weights
 from lora_trainer.config.load import dump_config
+from lora_trainer.config.output import OutputConfig
+from lora_trainer.errors import UserError
 from lora_trainer.export.lora_file import SAVE_DTYPES, save_lora_file, to_kohya_tensors
 from lora_trainer.export.metadata import Progress, lora_metadata
 from lora_trainer.files import write_text_atomic
 from lora_trainer.fit.run import Run
+from lora_trainer.fit.state import Position, process_rng_state, prune_states, state_folder, write_state
 from lora_trainer.report.history import history_path
 from lora_trainer.report.html import write_report
 from lora_trainer.report.plots import write_loss_curve
@@ -50,3 +54,44 @@ def finalize(run: Run) -> Path:
 
 def _unwrapped(run: Run) -> dict[str, torch.nn.Module]:
     return {part: run.accelerator.unwrap_model(model) for part, model in run.trained.items()}
+
+
+def save_state(run: Run, position: Position) -> Path | None:
+    """Save the training state at `position` (every process takes part: each hands in its generators); return
+    its folder, or None when the save failed and `output.state_save_failure` is `warn`."""
+    accelerator, output = run.accelerator, run.config.output
+    if run.last_state == position:
+        return state_folder(output, position.step)
+    from accelerate.utils import gather_object
+
+    rng_states = gather_object([process_rng_state()])
+    folder: Path | None = state_folder(output, position.step)
+    if accelerator.is_main_process:
+        try:
+            write_state(
+                folder, run.config, position, _unwrapped(run), run.optimizer, run.lr_scheduler, accelerator.scaler, rng_states,
+                run.history.to_json(), counters={
+                    "total_steps": run.total_steps, "global_batch_size": run.config.training.batch_size * accelerator.num_processes,
+                    "num_processes": accelerator.num_processes, "data_fingerprint": run.data_fingerprint,
+                    "started_at": run.started_at.isoformat(),
+                },
+            )
+            prune_states(output)
+        except UserError as error:
+            if output.state_save_failure == "stop":
+                raise
+            log.warning("the training state of step %d was not saved, training goes on: %s", position.step, error)
+            folder = None
+    accelerator.wait_for_everyone()
+    run.last_state = position
+    return folder
+
+
+def prune_saves(output: OutputConfig, kind: str) -> None:
+    """Keep the newest `output.keep_saves` intermediate LoRA files of one kind: `epoch` or `step`."""
+    if not output.keep_saves:
+        return
+    pattern = re.compile(rf"^{re.escape(output.name)}-{'step' if kind == 'step' else ''}(\d{{6}})\.safetensors$")
+    numbered = sorted((int(match[1]), path) for path in output.dir.iterdir() if (match := pattern.match(path.name)))
+    for _, path in numbered[: -output.keep_saves]:
+        path.unlink(missing_ok=True)

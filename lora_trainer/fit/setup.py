@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lora_trainer.export.init_weights import load_initial_weights
 from lora_trainer.adapters.wiring import attach_adapters
 from lora_trainer.cache.fill import FilledCaches, fill_caches
 from lora_trainer.cache.text import cached_caption_encoder
@@ -23,7 +24,10 @@ from lora_trainer.fit.evaluate import Evaluator
 from lora_trainer.fit.loader import make_dataloader
 from lora_trainer.fit.long_captions import report_cut_captions
 from lora_trainer.fit.optim import make_lr_scheduler, make_optimizer, parameter_groups
+from lora_trainer.fit.resume import restore_run
+from lora_trainer.fit.resume_check import check_resumable, check_same_data
 from lora_trainer.fit.run import Run
+from lora_trainer.fit.state import SavedState, data_fingerprint, find_state, read_state
 from lora_trainer.fit.samples import SampleDrawer
 from lora_trainer.model.conditioning import CaptionEncoder, live_caption_encoder
 from lora_trainer.model.parts import SDXLParts, TextEncoders, load_sdxl
@@ -33,24 +37,24 @@ from lora_trainer.report.history import RunHistory
 log = logging.getLogger(__name__)
 
 
-def setup(config: Config) -> Run:
+def setup(config: Config, resume: str | None = None) -> Run:
+    """Build the run; with `resume` (`latest` or a state folder) continue the saved run it names."""
     from accelerate.utils import set_seed
 
     config, accelerator = start_accelerator(config)
+    saved = _saved_state(config, resume, accelerator.num_processes)
     device, dtype = accelerator.device, weight_dtype(config.training.mixed_precision)
     parts = load_sdxl(config.model)
-    with accelerator.main_process_first():
-        caches = fill_caches(config, parts, device, dtype, show_progress=accelerator.is_local_main_process)
-    if accelerator.is_main_process:
-        log.info("aspect-ratio buckets:\n%s", bucket_table(caches.training.items, config.training.seed))
-    if caches.text is not None:
-        log.info("text embeddings: %d reused, %d encoded", caches.text_reused, caches.text_encoded)
-    if accelerator.is_main_process:
-        report_cut_captions(config, caches, parts.text.tokenizer_1)
+    caches = _filled_caches(config, accelerator, parts)
+    fingerprint = data_fingerprint(caches.training.items, config)
+    if saved is not None:
+        check_same_data(fingerprint, saved)
 
     set_seed(config.training.seed)  # the same on every process, so all start from identical adapters
     models = _placed_models(parts, config, device, dtype)
     trained = attach_adapters(models, config.network)
+    if config.network.init_weights is not None and saved is None:
+        load_initial_weights(trained, config.network.init_weights)
     if config.training.gradient_checkpointing:
         enable_gradient_checkpointing(models)
     optimizer = make_optimizer(parameter_groups(trained, config), config.training)
@@ -59,14 +63,18 @@ def setup(config: Config) -> Run:
     models.update(trained)
     dataloader = make_dataloader(caches.training, config, accelerator)
 
-    steps_per_epoch = math.ceil(len(dataloader) / config.training.gradient_accumulation_steps)
+    batches_per_epoch = len(dataloader)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.training.gradient_accumulation_steps)
     total_steps = config.training.max_steps or config.training.epochs * steps_per_epoch
-    lr_scheduler = accelerator.prepare(make_lr_scheduler(optimizer, config.training, total_steps, accelerator.num_processes))
+    lr_scheduler = make_lr_scheduler(optimizer, config.training, total_steps)
     history = RunHistory(config.output.name, steps_per_epoch)
-    start_trackers(accelerator, config)
-    set_seed(config.training.seed, device_specific=True)  # different noise on each process
+    if accelerator.is_main_process:
+        log.info(batch_plan(config, len(caches.training.items), batches_per_epoch, steps_per_epoch, total_steps, accelerator.num_processes))
+    # A resumed run hides the killed run's TensorBoard points past the state, which it is about to log again.
+    start_trackers(accelerator, config, purge_step=saved.position.step + 1 if saved is not None else None)
+    set_seed(config.training.seed, device_specific=True)  # each process its own dropout
     text = parts.text
-    return Run(
+    run = Run(
         config=config,
         accelerator=accelerator,
         parts=parts,
@@ -81,10 +89,48 @@ def setup(config: Config) -> Run:
         dataloader=dataloader,
         total_steps=total_steps,
         epochs=math.ceil(total_steps / steps_per_epoch),
+        batches_per_epoch=batches_per_epoch,
         history=history,
         evaluator=_evaluator(config, accelerator, parts, caches, trained, history),
         base=describe_base(parts, with_hashes=accelerator.is_main_process, show_progress=accelerator.is_local_main_process),
         vae=None if config.data.cache_latents else parts.vae.to(device, torch.float32),  # fp32: SDXL's VAE overflows in fp16
+        data_fingerprint=fingerprint,
+    )
+    if saved is not None:
+        restore_run(run, saved)
+    return run
+
+
+def _saved_state(config: Config, resume: str | None, num_processes: int) -> SavedState | None:
+    """The state `--resume` names, checked against the config before any model loads."""
+    if resume is None:
+        return None
+    saved = read_state(find_state(config.output, resume))
+    check_resumable(config, saved, num_processes)
+    return saved
+
+
+def _filled_caches(config: Config, accelerator: Any, parts: SDXLParts) -> FilledCaches:
+    """The caches, filled by the main process first (the others then find everything there), and what they hold."""
+    device, dtype = accelerator.device, weight_dtype(config.training.mixed_precision)
+    with accelerator.main_process_first():
+        caches = fill_caches(config, parts, device, dtype, show_progress=accelerator.is_local_main_process)
+    if accelerator.is_main_process:
+        log.info("aspect-ratio buckets:\n%s", bucket_table(caches.training.items, config.training.seed))
+        if caches.text is not None:
+            log.info("text embeddings: %d reused, %d encoded", caches.text_reused, caches.text_encoded)
+        report_cut_captions(config, caches, parts.text.tokenizer_1)
+    return caches
+
+
+def batch_plan(config: Config, images: int, batches_per_epoch: int, steps_per_epoch: int, total_steps: int, processes: int) -> str:
+    """One line: how images become steps, with the global batch spelled out."""
+    training = config.training
+    per_step = training.batch_size * processes * training.gradient_accumulation_steps
+    return (
+        f"{images} images, {batches_per_epoch} batches per epoch; {training.batch_size} per device x {processes} "
+        f"process{'es' * (processes != 1)} x {training.gradient_accumulation_steps} accumulated = {per_step} images per step; "
+        f"{steps_per_epoch} steps per epoch, {total_steps} steps"
     )
 
 

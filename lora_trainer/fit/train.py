@@ -8,20 +8,36 @@ import torch
 
 from lora_trainer.config.schema import Config
 from lora_trainer.errors import UserError
+from lora_trainer.fit.accelerator import is_first_process
 from lora_trainer.fit.loop import NonFiniteLoss, fit
+from lora_trainer.fit.output_folder import claim_output_folder, release_folders
 from lora_trainer.fit.run import Run
 from lora_trainer.fit.save import finalize, save_lora
 from lora_trainer.fit.setup import setup
+from lora_trainer.fit.stopping import StopSignals
 
 
-def train(config: Config) -> Path:
-    """Train a LoRA as configured; return the path of the final `.safetensors`."""
-    run = setup(config)
+def train(config: Config, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Train a LoRA as configured (continuing the state `resume` names); return the path of the final `.safetensors`.
+
+    The first Ctrl-C or SIGTERM during training saves and raises TrainingStopped; any other stops at once.
+    """
+    with StopSignals().installed() as stop:
+        try:
+            if is_first_process():
+                claim_output_folder(config.output, config.cache_dir, resume is not None, overwrite)
+            return _train(config, resume, stop)
+        finally:
+            release_folders()
+
+
+def _train(config: Config, resume: str | None, stop: StopSignals) -> Path:
+    run = setup(config, resume)
     try:
         try:
-            fit(run)
-        except NonFiniteLoss as stop:
-            raise UserError(_non_finite_message(run, stop)) from None
+            fit(run, stop)
+        except NonFiniteLoss as bad_loss:
+            raise UserError(_non_finite_message(run, bad_loss)) from None
         except torch.cuda.OutOfMemoryError:
             raise UserError(
                 f"out of GPU memory at step {run.step + 1}: set training.gradient_checkpointing: true, "

@@ -60,8 +60,11 @@ class RunHistory:
         evaluated = [record for record in self.epochs if record.validation_loss is not None and record.epoch > 0]
         return min(evaluated, key=lambda record: record.validation_loss) if evaluated else None
 
+    def to_json(self) -> str:
+        return json.dumps({"format": HISTORY_FORMAT, **asdict(self)}, indent=1)
+
     def save(self, path: Path) -> None:
-        write_text_atomic(path, json.dumps({"format": HISTORY_FORMAT, **asdict(self)}, indent=1))
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> RunHistory:
