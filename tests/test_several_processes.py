@@ -141,3 +141,35 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch(tmp_path: 
     resumed_weights = read_lora(resumed_file)
     for key in one_weights:
         torch.testing.assert_close(resumed_weights[key], one_weights[key], **WEIGHT_TOLERANCE, msg=lambda message, key=key: f"{key}: {message}")
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path, tiny_model_path: Path):
+    """The stop request is shared each step: a signal to rank 1 alone still stops rank 0 (which writes the state),
+    and no rank waits forever for one that left the loop."""
+    import re
+    import signal
+
+    raw = small_raw_config(tmp_path)
+    raw["training"].update(batch_size=1, max_steps=200)
+    config = write_yaml(tmp_path / "c.yaml", raw)
+    env = {key: value for key, value in os.environ.items() if key not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}}
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lora_trainer", "train", str(config)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen = []
+    for line in launcher.stdout:
+        seen.append(line)
+        if line.startswith("training: "):
+            break
+    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    rank_1 = next(pid for pid in map(int, children) if "RANK=1" in Path(f"/proc/{pid}/environ").read_text(errors="replace").split("\0"))
+    os.kill(rank_1, signal.SIGINT)
+    rest, _ = launcher.communicate(timeout=240)
+    output = "".join(seen) + rest
+    stops = re.findall(r"stopped by Ctrl-C after step (\d+) of 200", output)
+    assert len(stops) == 2 and stops[0] == stops[1], output[-4000:]  # both ranks, the same step
+    step = int(stops[0])
+    assert (tmp_path / "out" / "states" / f"test_lora-step{step:06d}" / "state.json").is_file()
+    assert (tmp_path / "out" / f"test_lora-step{step:06d}.safetensors").is_file()
