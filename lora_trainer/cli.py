@@ -114,6 +114,12 @@ def check_output_locations(settings: Any) -> None:
     from lora_trainer.config.locations import check_writable
 
     check_writable(settings.output.dir, "output.dir")
+    check_cache_location(settings)
+
+
+def check_cache_location(settings: Any) -> None:
+    from lora_trainer.config.locations import check_writable
+
     check_writable(settings.cache_dir, "data.cache_dir" if settings.data.cache_dir else "output.dir (its latent_cache folder)")
 
 
@@ -124,9 +130,7 @@ def cache_latents(config: ConfigPath, overrides: Overrides = None) -> None:
     from lora_trainer.config.load import load_config
 
     settings = load_config(config, overrides)
-    from lora_trainer.config.locations import check_writable
-
-    check_writable(settings.cache_dir, "data.cache_dir" if settings.data.cache_dir else "output.dir (its latent_cache folder)")
+    check_cache_location(settings)
     from lora_trainer.cache.fill import precache
 
     for line in precache(settings):

@@ -82,9 +82,7 @@ def _after_step(run: Run, stop: StopSignals, position: Position) -> None:
     run.evaluator.after_step(position.epoch, run.step)
     ends_epoch = position.batches_done == run.batches_per_epoch or run.step >= run.total_steps
     if not ends_epoch:  # at an epoch's end these wait for the epoch's own saves and evaluations
-        if output.save_every_n_steps and run.step % output.save_every_n_steps == 0:
-            save_lora(run, f"{output.name}-step{run.step:06d}", position.epoch)
-            prune_saves(output, "step")
+        _save_step_lora_if_due(run, position.epoch)
         if output.save_state_every_n_steps and run.step % output.save_state_every_n_steps == 0:
             save_state(run, position)
     _stop_if_asked(run, stop, position)
@@ -96,10 +94,8 @@ def _after_epoch(run: Run, stop: StopSignals, epoch: int, last: bool) -> None:
     if every and epoch % every == 0 and not last:
         save_lora(run, f"{output.name}-{epoch:06d}", epoch)
         prune_saves(output, "epoch")
-    steps_due = output.save_every_n_steps and run.step % output.save_every_n_steps == 0 and not last
-    if steps_due:
-        save_lora(run, f"{output.name}-step{run.step:06d}", epoch)
-        prune_saves(output, "step")
+    if not last:  # the final file stands for the last step
+        _save_step_lora_if_due(run, epoch)
     run.evaluator.after_epoch(epoch, run.step, last)
     position = Position(run.step, epoch + 1, 0)
     state_steps_due = output.save_state_every_n_steps and run.step % output.save_state_every_n_steps == 0
@@ -108,6 +104,13 @@ def _after_epoch(run: Run, stop: StopSignals, epoch: int, last: bool) -> None:
         save_state(run, position)
     if not last:
         _stop_if_asked(run, stop, position)
+
+
+def _save_step_lora_if_due(run: Run, epoch: int) -> None:
+    output = run.config.output
+    if output.save_every_n_steps and run.step % output.save_every_n_steps == 0:
+        save_lora(run, f"{output.name}-step{run.step:06d}", epoch)
+        prune_saves(output, "step")
 
 
 def _stop_if_asked(run: Run, stop: StopSignals, position: Position) -> None:
