@@ -95,6 +95,7 @@ def train(config: ConfigPath, overrides: Overrides = None, resume: Resume = None
     if resume is not None and overwrite:
         raise UsageError("--resume continues a run and --overwrite replaces it; give one of them")
     check_output_locations(settings)
+    check_masks(settings, config)
     from lora_trainer.fit.stopping import TrainingStopped
     from lora_trainer.fit.train import train as run_training
 
@@ -117,6 +118,13 @@ def check_output_locations(settings: Any) -> None:
     check_cache_location(settings)
 
 
+def check_masks(settings: Any, config: Path) -> None:
+    """Each image has its mask (`datasets.N.mask_dir`), checked before the models load."""
+    from lora_trainer.data.masks import check_mask_folders
+
+    check_mask_folders(settings.datasets, str(config))
+
+
 def check_cache_location(settings: Any) -> None:
     from lora_trainer.config.locations import check_writable
 
@@ -131,6 +139,7 @@ def cache_latents(config: ConfigPath, overrides: Overrides = None) -> None:
 
     settings = load_config(config, overrides)
     check_cache_location(settings)
+    check_masks(settings, config)
     from lora_trainer.cache.fill import precache
 
     for line in precache(settings):

@@ -22,7 +22,7 @@ ALLOWED = {
     "model": SHARED | {"config"},
     "adapters": SHARED | {"config"},
     "cache": SHARED | {"config", "data", "model"},
-    "export": SHARED | {"config", "data", "adapters"},
+    "export": SHARED | {"config", "data", "model", "adapters"},  # the model's module names (LDM layout, blocks)
     "sampling": SHARED | {"config", "model", "adapters", "export"},
     "report": SHARED,
     "fit": SHARED | STAGES,

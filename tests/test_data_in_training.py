@@ -66,10 +66,10 @@ def test_mixed_aspect_ratios_train_in_their_own_buckets(raw_config, tmp_path, ca
 
     real = step_module.training_step
 
-    def spy(unet, encode, scheduler, batch, noise, timesteps):
+    def spy(unet, encode, scheduler, batch, noise, timesteps, **options):
         seen_shapes.append((tuple(batch["latents"].shape), batch["time_ids"][:, 4:].tolist()))
         originals.update(tuple(row) for row in batch["time_ids"][:, :2].int().tolist())
-        return real(unet, encode, scheduler, batch, noise, timesteps)
+        return real(unet, encode, scheduler, batch, noise, timesteps, **options)
 
     import lora_trainer.fit.loop as train_module
 

@@ -19,8 +19,12 @@ def test_every_config_field_is_documented():
     for section in Config.model_fields.values():
         assert section.description
     sections = [SampleCommand]  # the sample command's own options, whose docstrings are their --help
-    for name in ("ModelConfig", "DatasetConfig", "DataConfig", "NetworkConfig", "TrainingConfig", "OutputConfig", "SampleConfig", "ValidationConfig"):
+    for name in ("ModelConfig", "DatasetConfig", "DataConfig", "NetworkConfig", "TrainingConfig", "ObjectiveConfig", "OutputConfig",
+                 "SampleConfig", "ValidationConfig"):
         sections.append(getattr(__import__("lora_trainer.config.schema", fromlist=[name]), name))
+    from lora_trainer.config.ema import EmaConfig
+
+    sections.append(EmaConfig)
     for model in sections:
         name = model.__name__
         missing = [field for field, info in model.model_fields.items() if not info.description]

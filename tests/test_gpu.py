@@ -78,7 +78,9 @@ def test_the_gpu_quickstart_records_its_precision_and_optimizer(gpu_quickstart):
     name, path = gpu_quickstart
     with safe_open(str(path), "pt") as lora:
         metadata = lora.metadata()
-    assert (metadata["ss_mixed_precision"], metadata["ss_optimizer"]) == GPU_RUNS[name]
+    precision, optimizer = GPU_RUNS[name]
+    assert metadata["ss_mixed_precision"] == precision
+    assert metadata["ss_optimizer"].startswith({"adamw8bit": "bitsandbytes.optim.AdamW8bit(", "adamw": "torch.optim.AdamW("}[optimizer])
 
 
 def test_the_gpu_quickstart_learns_the_concept_and_keeps_the_old_ones(gpu_quickstart, base_scores, evaluation):

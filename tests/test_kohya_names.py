@@ -14,7 +14,7 @@ from conftest import REPO
 
 from lora_trainer.adapters.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers
 from lora_trainer.export.kohya_names import kohya_module_name
-from lora_trainer.export.ldm_names import ldm_module_path
+from lora_trainer.model.ldm_names import ldm_module_path
 from lora_trainer.model.sdxl_architecture import CLIP_BIGG, CLIP_L, SDXL_UNET
 
 KOHYA = json.loads((REPO / "tests" / "data" / "kohya_sdxl_lora_names.json").read_text())

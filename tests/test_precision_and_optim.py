@@ -11,7 +11,8 @@ from lora_trainer.config.model import ModelConfig
 from lora_trainer.config.training import TrainingConfig
 from lora_trainer.errors import ConfigError
 from lora_trainer.export.lora_file import read_lora_file
-from lora_trainer.fit.optim import make_lr_scheduler, make_optimizer
+from lora_trainer.fit.optim import make_optimizer
+from lora_trainer.fit.schedules import make_lr_scheduler
 from lora_trainer.model.parts import load_sdxl
 from lora_trainer.model.precision import resolve_mixed_precision
 
@@ -75,15 +76,16 @@ def test_adamw8bit_is_bitsandbytes_and_steps(raw_config):
 def test_training_with_adamw8bit_end_to_end(raw_config):
     raw_config["training"].update(optimizer="AdamW8bit", max_steps=2)
     run, path = train_in_process(raw_config)
-    assert read_lora_file(path).metadata["ss_optimizer"] == "adamw8bit"
+    # kohya's form: the class and its arguments, which civitai shows.
+    assert read_lora_file(path).metadata["ss_optimizer"] == "bitsandbytes.optim.AdamW8bit(betas=(0.9, 0.999),eps=1e-08,weight_decay=0.01)"
 
 
 def test_text_encoders_get_their_own_learning_rate(raw_config):
-    raw_config["network"]["text_encoder_learning_rate"] = 5e-5
+    raw_config["network"].update(text_encoder_learning_rate=5e-5, text_encoder_2_learning_rate=2e-5)
     raw_config["training"].update(learning_rate=1e-3, max_steps=1)
     run, _ = train_in_process(raw_config)
     rates = {group["name"]: group["lr"] for group in run.optimizer.param_groups}
-    assert rates == {"unet": 1e-3, "text_encoder": 5e-5}
+    assert rates == {"unet": 1e-3, "text_encoder_1": 5e-5, "text_encoder_2": 2e-5}
 
 
 def test_warmup_ramps_the_learning_rate():

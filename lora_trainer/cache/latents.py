@@ -5,6 +5,10 @@ The file name is a hash of everything the latents depend on: the image's bytes, 
 Editing an image, changing the resolution or swapping the VAE therefore never reuses a wrong latent,
 while unchanged images are never encoded twice, whichever config or run asks. Each file also carries
 a checksum of its tensor, so a damaged file is found, reported and encoded again.
+
+Under `objective.masked_loss` an image's entry also holds its loss mask at the latent size (mirrored in the
+flipped entry), and the key also names the mask's source (the mask file's hash, or the alpha channel, already
+in the image's): editing a mask encodes its image again. Images without a mask keep their keys unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from lora_trainer.cache.fingerprint import file_digest, module_fingerprint, tens
 from lora_trainer.config.schema import Config
 from lora_trainer.data.buckets import CropPlan
 from lora_trainer.data.images import UnreadableImage, apply_plan, load_rgb, to_model_input
+from lora_trainer.data.masks import ALPHA, MASK_FORMAT, latent_mask
 from lora_trainer.data.records import BadFile, ImageRecord
 from lora_trainer.files import write_bytes_atomic
 from lora_trainer.model.vae import non_finite_latents, scale_latents
@@ -51,6 +56,11 @@ class CachedLatent:
 
     def load(self) -> torch.Tensor:
         return load_file(self.path)["latents"]
+
+    def load_mask(self) -> torch.Tensor:
+        """The loss mask [1, h, w] stored with the latents (entries of images with a mask only)."""
+        with safe_open(self.path, framework="pt") as handle:
+            return handle.get_tensor("loss_mask")
 
 
 @dataclass
@@ -87,7 +97,8 @@ class LatentCache:
     def vae_fingerprint(self) -> str:
         return vae_fingerprint(self.vae)
 
-    def key(self, request: LatentRequest, image_digest: str) -> str:
+    def key(self, request: LatentRequest, image_digest: str, mask_digest: str | None = None) -> str:
+        """`mask_digest`: the mask file's sha256, `ALPHA` for an alpha mask, None for an image without a mask."""
         identity = {
             "format": CACHE_FORMAT,
             "image_sha256": image_digest,
@@ -97,6 +108,9 @@ class LatentCache:
             "vae": self.vae_fingerprint,
             "dtype": str(ENCODE_DTYPE),
         }
+        if mask_digest is not None:
+            # Only keys of masked images change, so caches made before masked loss stay valid.
+            identity["loss_mask"] = {"source": mask_digest, "format": MASK_FORMAT}
         return text_digest(json.dumps(identity, sort_keys=True))
 
     def path(self, key: str) -> Path:
@@ -112,7 +126,7 @@ class LatentCache:
             raise DamagedEntry(path)
         return CachedLatent(path)
 
-    def store(self, key: str, request: LatentRequest, latents: torch.Tensor) -> CachedLatent:
+    def store(self, key: str, request: LatentRequest, latents: torch.Tensor, mask: torch.Tensor | None = None) -> CachedLatent:
         latents = latents.detach().to("cpu", ENCODE_DTYPE).contiguous()
         metadata = {
             "format": str(CACHE_FORMAT),
@@ -121,9 +135,13 @@ class LatentCache:
             "flip": str(request.flip),
             "sha256": tensor_digest(latents),
         }
+        tensors = {"latents": latents}
+        if mask is not None:
+            tensors["loss_mask"] = mask.to("cpu", torch.float32).contiguous()
+            metadata["mask_sha256"] = tensor_digest(tensors["loss_mask"])
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, save({"latents": latents}, metadata))
+        write_bytes_atomic(path, save(tensors, metadata))
         return CachedLatent(path)
 
 
@@ -137,11 +155,13 @@ def _is_intact(path: Path) -> bool:
     """Whether the file is a whole safetensors file whose tensor still matches the checksum written with it."""
     try:
         with safe_open(path, framework="pt") as handle:
-            expected = handle.metadata()["sha256"]
-            latents = handle.get_tensor("latents")
+            metadata = handle.metadata()
+            intact = tensor_digest(handle.get_tensor("latents")) == metadata["sha256"]
+            if "mask_sha256" in metadata:
+                intact = intact and tensor_digest(handle.get_tensor("loss_mask")) == metadata["mask_sha256"]
     except (OSError, SafetensorError, KeyError, TypeError, ValueError, RuntimeError):
         return False
-    return tensor_digest(latents) == expected
+    return intact
 
 
 def open_latent_cache(config: Config, vae: torch.nn.Module) -> LatentCache:
@@ -168,9 +188,11 @@ def fill_latent_cache(
     digests: dict[Path, str] = {}
     for request in progress_bar(requests, desc="checking latent cache", unit="img", disable=not show_progress, leave=False):
         digest = _image_digest(request.record.image_path, digests, outcome)
-        if digest is None:
+        mask = request.record.loss_mask
+        mask_digest = None if mask is None else ALPHA if mask.file is None else _image_digest(mask.file, digests, outcome)
+        if digest is None or (mask is not None and mask_digest is None):
             continue
-        key = cache.key(request, digest)
+        key = cache.key(request, digest, mask_digest)
         try:
             entry = cache.lookup(key)
         except DamagedEntry as damaged:
@@ -217,7 +239,8 @@ def _encode_missing(missing, cache: LatentCache, device, batch_size, outcome, to
         vae.to(home)
 
 
-def _load_pictures(chunk, background, unreadable: set[Path], outcome: CacheOutcome) -> list[tuple[LatentRequest, str, torch.Tensor]]:
+def _load_pictures(chunk, background, unreadable: set[Path], outcome: CacheOutcome) -> list[tuple]:
+    """(request, key, VAE input, loss mask or None) of each request whose image (and mask) can be read."""
     pictures = []
     for request, key in chunk:
         path = request.record.image_path
@@ -225,25 +248,26 @@ def _load_pictures(chunk, background, unreadable: set[Path], outcome: CacheOutco
             continue
         try:
             image = load_rgb(path, background, request.plan.resized)
+            mask = latent_mask(request.record, request.plan, request.flip) if request.record.loss_mask is not None else None
         except UnreadableImage as error:
             unreadable.add(path)
             outcome.bad.append(BadFile(path, str(error)))
             continue
-        pictures.append((request, key, to_model_input(apply_plan(image, request.plan, request.flip))))
+        pictures.append((request, key, to_model_input(apply_plan(image, request.plan, request.flip)), mask))
     return pictures
 
 
 @torch.no_grad()
 def _encode_batch(pictures, cache: LatentCache, device: torch.device, outcome: CacheOutcome) -> None:
     vae = cache.vae
-    pixels = torch.stack([picture for _, _, picture in pictures]).to(device, ENCODE_DTYPE)
+    pixels = torch.stack([picture for _, _, picture, _ in pictures]).to(device, ENCODE_DTYPE)
     distribution = vae.encode(pixels).latent_dist
-    for index, (request, key, _) in enumerate(pictures):
+    for index, (request, key, _, mask) in enumerate(pictures):
         # Noise seeded by the cache key: a latent does not depend on which images shared its batch.
         generator = torch.Generator(device="cpu").manual_seed(int(key[:15], 16))
         noise = torch.randn(distribution.mean[index].shape, generator=generator).to(device)
         latents = scale_latents(vae, distribution.mean[index] + distribution.std[index] * noise)
         if not torch.isfinite(latents).all():
             raise non_finite_latents(request.record.image_path)
-        outcome.entries[request] = cache.store(key, request, latents)
+        outcome.entries[request] = cache.store(key, request, latents, mask)
         outcome.encoded += 1

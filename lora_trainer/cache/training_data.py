@@ -17,6 +17,7 @@ from lora_trainer.cache.latents import CachedLatent, CacheOutcome, LatentCache, 
 from lora_trainer.config.schema import Config
 from lora_trainer.data.buckets import PlannedImage, plan_buckets
 from lora_trainer.data.images import UnreadableImage, load_rgb
+from lora_trainer.data.masks import latent_mask, with_loss_masks
 from lora_trainer.data.records import BadFile, Folder, ImageRecord, scan_datasets, stop_on_bad_files
 from lora_trainer.errors import UserError
 from lora_trainer.progress import progress_bar
@@ -49,7 +50,7 @@ def prepare_training_data(
 ) -> TrainingData:
     """The usable images of `config.datasets`, with their latents in `latent_cache` when latents are cached."""
     scan = scan_datasets(config.datasets)
-    planned, too_small = plan_buckets(scan.records, config.data)
+    planned, too_small = plan_buckets(with_loss_masks(scan.records, config.datasets), config.data)
     bad = scan.bad + too_small
     if config.data.on_bad_image == "error":
         stop_on_bad_files(bad)
@@ -97,11 +98,13 @@ def with_cached_latents(
 
 
 def _with_checked_images(planned: Sequence[PlannedImage], config: Config, show_progress: bool) -> tuple[list[TrainingItem], list[BadFile]]:
-    """Decode every image once up front, since the VAE will read them again every epoch."""
+    """Decode every image (and its loss mask) once up front, since the VAE will read them again every epoch."""
     items, bad = [], []
     for image in progress_bar(planned, desc="checking images", unit="img", disable=not show_progress):
         try:
             load_rgb(image.record.image_path, config.data.alpha_background, image.plan.resized)
+            if image.record.loss_mask is not None:
+                latent_mask(image.record, image.plan)
         except UnreadableImage as error:
             bad.append(BadFile(image.record.image_path, str(error)))
             continue

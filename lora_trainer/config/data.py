@@ -77,10 +77,48 @@ class DatasetConfig(Section):
     """Crop at a random place in the bucket, changing every epoch, instead of the center; needs
     `data.cache_latents: false`."""
 
+    alpha_mask: bool = False
+    """The image's alpha channel is its loss mask (kohya's `alpha_mask`; needs `objective.masked_loss: true`):
+    opaque pixels train, transparent ones are ignored, partly transparent ones count partly. The RGB the VAE
+    sees is still flattened onto `data.alpha_background`, so both apply: the mask decides where the loss
+    counts, the background only colours what the mask hides. An image without an alpha channel trains
+    everywhere (a mask of ones, as kohya gives it), with one warning line counting such images."""
+
+    mask_dir: Path | None = None
+    """Folder of loss-mask images (kohya's `conditioning_data_dir` under `masked_loss`; needs
+    `objective.masked_loss: true`): one per image, of the same file stem and any image extension (`cat.png`'s
+    mask is `cat.png`, `cat.jpg`...), at the image's size (checked when the images are scanned); kohya-style
+    subfolders are mirrored (`10_cat/a.png` -> `mask_dir/10_cat/a.png`). Read as greyscale: white trains, black
+    is ignored, grey counts partly. An image without a mask is an error before anything loads; a mask without
+    an image is warned about and unused. OneTrainer keeps `cat-masklabel.png` beside `cat.png`: rename such
+    files to `cat.png` in a folder of their own to use them here."""
+
     @field_validator("path")
     @classmethod
     def _check_path(cls, value: Path) -> Path:
         return captioned_folder(value)
+
+    @field_validator("mask_dir")
+    @classmethod
+    def _check_mask_dir(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        resolved = value.expanduser().resolve()
+        if not resolved.is_dir():
+            raise ValueError(f"folder not found: {resolved}; give the folder of mask images, named as their images")
+        return resolved
+
+    @model_validator(mode="after")
+    def _check_masks_fit_the_images(self) -> DatasetConfig:
+        if self.mask_dir is None:
+            return self
+        if self.alpha_mask:
+            raise ValueError("mask_dir: alpha_mask: true already takes each image's mask from its alpha channel; use one of them")
+        if self.mask_dir == self.path:
+            raise ValueError("mask_dir: is the image folder itself; keep the masks in a folder of their own, named as their images")
+        # Whether each image has its mask is checked before anything loads by `data.masks.check_mask_folders`
+        # (the config cannot scan folders: the data package, which does, builds on it).
+        return self
 
     @field_validator("caption_extension")
     @classmethod
@@ -92,6 +130,11 @@ class DatasetConfig(Section):
     @property
     def caption_extensions(self) -> tuple[str, ...]:
         return (self.caption_extension,) if self.caption_extension else DEFAULT_CAPTION_EXTENSIONS
+
+    @property
+    def gives_masks(self) -> bool:
+        """Whether its images have loss masks (their alpha channel, or a folder of masks)."""
+        return self.alpha_mask or self.mask_dir is not None
 
     @property
     def caption_varies(self) -> bool:
@@ -146,7 +189,8 @@ class DataConfig(Section):
     before it starts."""
 
     alpha_background: tuple[int, int, int] = (255, 255, 255)
-    """RGB colour that transparent pixels are flattened onto."""
+    """RGB colour that transparent pixels are flattened onto. With `datasets.N.alpha_mask: true` the alpha channel is
+    also the loss mask: both apply, the mask deciding where the loss counts, this colour only filling what it hides."""
 
     on_bad_image: Literal["skip", "error"] = "skip"
     """What to do with unreadable or too-small images and non-UTF-8 captions: `skip` (list them and

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from lora_trainer.config import block_weights as blocks
 from lora_trainer.config.section import Section
 
 
@@ -29,8 +31,44 @@ class NetworkConfig(Section):
     train_text_encoder_2: bool = True
     """Train adapters on text encoder 2 (OpenCLIP ViT-bigG)."""
 
-    text_encoder_learning_rate: float | None = Field(None, gt=0)
-    """Learning rate of the text-encoder adapters; default: `training.learning_rate`."""
+    text_encoder_learning_rate: float | None = Field(None, ge=0)
+    """Learning rate of both text encoders' adapters (kohya's `text_encoder_lr`); default: `training.learning_rate`."""
+
+    text_encoder_1_learning_rate: float | None = Field(None, ge=0)
+    """Learning rate of text encoder 1's adapters (CLIP ViT-L); default: `text_encoder_learning_rate`."""
+
+    text_encoder_2_learning_rate: float | None = Field(None, ge=0)
+    """Learning rate of text encoder 2's adapters (OpenCLIP ViT-bigG); default: `text_encoder_learning_rate`."""
+
+    down_lr_weight: list[float] | str | None = None
+    """Multiply the UNet's learning rate per input block (kohya's `down_lr_weight`): 9 weights for SDXL's
+    input_blocks 0..8, shallow to deep, or a curve: `sine`, `cosine`, `linear`, `reverse_linear`, `zeros`,
+    each optionally `+x` (e.g. `cosine+.25`: 1.25 down to 0.25). A weight of 0 leaves the block's adapters
+    untrained (they stay in the file, unchanged). Default: 1 everywhere."""
+
+    mid_lr_weight: list[float] | None = None
+    """Multiply the UNet's learning rate per middle block (kohya's `mid_lr_weight`): 3 weights, for
+    middle_block 0 (resnet), 1 (attention), 2 (resnet). Default: 1."""
+
+    up_lr_weight: list[float] | str | None = None
+    """Multiply the UNet's learning rate per output block (kohya's `up_lr_weight`): 9 weights for
+    output_blocks 0..8, deep to shallow, or a curve as in `down_lr_weight`. Default: 1."""
+
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354; kohya's `loraplus_lr_ratio`): the up matrices (`lora_up`)
+    learn this many times faster than the down matrices; the paper suggests 16. Default: off (1)."""
+
+    loraplus_unet_lr_ratio: float | None = Field(None, gt=0)
+    """LoRA+ ratio of the UNet's adapters (kohya's `loraplus_unet_lr_ratio`); default: `loraplus_lr_ratio`."""
+
+    loraplus_text_encoder_lr_ratio: float | None = Field(None, gt=0)
+    """LoRA+ ratio of both text encoders' adapters (kohya's `loraplus_text_encoder_lr_ratio`); default:
+    `loraplus_lr_ratio`."""
+
+    scale_weight_norms: float | None = Field(None, gt=0)
+    """Max-norm regularisation (kohya's `scale_weight_norms`, after Srivastava et al. 2014): after every optimizer
+    step, an adapter whose update (up @ down * alpha / rank) has a Frobenius norm above this is scaled back to it.
+    kohya suggests 1 to start. Default: off."""
 
     init_weights: Path | None = None
     """Start the adapters from this LoRA file's weights (kohya's `--network_weights`) instead of from zero; the
@@ -50,6 +88,24 @@ class NetworkConfig(Section):
             raise ValueError(f"file not found: {resolved}")
         return resolved
 
+    @field_validator("down_lr_weight", "mid_lr_weight", "up_lr_weight", mode="before")
+    @classmethod
+    def _check_block_weights(cls, value: Any, info: ValidationInfo) -> Any:
+        counts = {"down_lr_weight": blocks.INPUT_BLOCKS, "mid_lr_weight": blocks.MIDDLE_BLOCKS, "up_lr_weight": blocks.OUTPUT_BLOCKS}
+        return blocks.parse_block_weights(value, counts[info.field_name], presets=info.field_name != "mid_lr_weight")
+
+    @model_validator(mode="after")
+    def _check_block_weights_train_something(self) -> NetworkConfig:
+        weights = self.unet_block_lr_weights
+        if weights is None:
+            return self
+        field = next(name for name in ("down_lr_weight", "mid_lr_weight", "up_lr_weight") if getattr(self, name) is not None)
+        if not self.train_unet:
+            raise ValueError(f"{field}: block weights act on the UNet, which does not train; drop them or set network.train_unet: true")
+        if not any(weights[blocks.FIRST_INPUT_BLOCK : blocks.OUT_BLOCK]):
+            raise ValueError(f"{field}: every UNet block has weight 0, so the UNet trains nothing; set network.train_unet: false instead")
+        return self
+
     @model_validator(mode="after")
     def _check_some_part_trains(self) -> NetworkConfig:
         if not (self.train_unet or self.train_text_encoder_1 or self.train_text_encoder_2):
@@ -58,7 +114,56 @@ class NetworkConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_no_zero_learning_rate(self) -> NetworkConfig:
+        # A rate of 0 would keep adapters that never move in the file; not training the part says it plainly.
+        for field, parts in (
+            ("text_encoder_learning_rate", "train_text_encoder_1: false and train_text_encoder_2: false"),
+            ("text_encoder_1_learning_rate", "train_text_encoder_1: false"),
+            ("text_encoder_2_learning_rate", "train_text_encoder_2: false"),
+        ):
+            if getattr(self, field) == 0:
+                raise ValueError(f"{field}: a learning rate of 0 trains nothing; to leave a text encoder untrained set network.{parts}")
+        return self
+
+    def text_encoder_learning_rate_of(self, part: str, unet_learning_rate: float) -> float:
+        """The learning rate of `text_encoder_1` or `text_encoder_2`: its own, else both encoders', else the UNet's."""
+        own = self.text_encoder_1_learning_rate if part == "text_encoder_1" else self.text_encoder_2_learning_rate
+        for rate in (own, self.text_encoder_learning_rate):
+            if rate is not None:
+                return rate
+        return unet_learning_rate
+
+    @property
+    def unet_block_lr_weights(self) -> tuple[float, ...] | None:
+        """The 23 per-block factors of the UNet's learning rate, by `model.blocks` index (BASE and out 1, as
+        kohya's `get_block_lr_weight` has them), or None when no block weight is set."""
+        if self.down_lr_weight is None and self.mid_lr_weight is None and self.up_lr_weight is None:
+            return None
+        return (
+            1.0,
+            *_block_weights(self.down_lr_weight, blocks.INPUT_BLOCKS),
+            *_block_weights(self.mid_lr_weight, blocks.MIDDLE_BLOCKS),
+            *_block_weights(self.up_lr_weight, blocks.OUTPUT_BLOCKS),
+            1.0,
+        )
+
+    def loraplus_ratio_of(self, part: str) -> float:
+        """How many times faster `part`'s up matrices learn than its down matrices (1: LoRA+ off), as kohya:
+        the part's own ratio, else `loraplus_lr_ratio`."""
+        own = self.loraplus_unet_lr_ratio if part == "unet" else self.loraplus_text_encoder_lr_ratio
+        for ratio in (own, self.loraplus_lr_ratio):
+            if ratio is not None:
+                return ratio
+        return 1.0
+
     @property
     def trains_text_encoder(self) -> bool:
         return self.train_text_encoder_1 or self.train_text_encoder_2
 
+
+def _block_weights(value: list[float] | str | None, count: int) -> list[float]:
+    """One `*_lr_weight` setting as `count` factors: 1 when unset, a preset's curve, or the weights given."""
+    if value is None:
+        return [1.0] * count
+    return blocks.preset_weights(value, count) if isinstance(value, str) else list(value)

@@ -7,6 +7,7 @@ A test keeps the committed file equal to this output, so the reference cannot dr
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any
 
@@ -29,17 +30,29 @@ This file is generated from the code: `python -m lora_trainer.config.reference >
 def render() -> str:
     lines = [INTRO]
     for name, field in Config.model_fields.items():
-        section = _model_in(field.annotation)
         is_list = typing.get_origin(field.annotation) is list
         heading = f"{name}[N]" if is_list else name
         required = " (required)" if field.is_required() else ""
-        lines += [f"## `{heading}`{required}", "", _one_line(field.description), ""]
-        lines += ["| field | type | default | meaning |", "|---|---|---|---|"]
-        for child_name, child in section.model_fields.items():
-            default = "required" if child.is_required() else _show(child.default)
-            lines.append(f"| `{child_name}` | {_type_name(child.annotation)} | {default} | {_one_line(child.description)} |")
-        lines.append("")
+        lines += _section(heading, required, field.description, _model_in(field.annotation))
     return "\n".join(lines)
+
+
+def _section(heading: str, required: str, description: str | None, section: type[BaseModel]) -> list[str]:
+    """A section's table, followed by one of its own for each sub-section (e.g. `training.ema`)."""
+    lines = [f"## `{heading}`{required}", "", _one_line(description), ""]
+    lines += ["| field | type | default | meaning |", "|---|---|---|---|"]
+    nested = []
+    for child_name, child in section.model_fields.items():
+        if isinstance(child.annotation, type) and issubclass(child.annotation, BaseModel):
+            nested.append((child_name, child))
+            lines.append(f"| `{child_name}` | section | | {_one_line(child.description)} See `{heading}.{child_name}` below. |")
+            continue
+        default = "required" if child.is_required() else _show(child.default)
+        lines.append(f"| `{child_name}` | {_type_name(child.annotation)} | {default} | {_one_line(child.description)} |")
+    lines.append("")
+    for child_name, child in nested:
+        lines += _section(f"{heading}.{child_name}", "", child.description, child.annotation)
+    return lines
 
 
 def _model_in(annotation: Any) -> type[BaseModel]:
@@ -53,7 +66,10 @@ def _type_name(annotation: Any) -> str:
     if origin is typing.Literal:
         return " \\| ".join(f"`{value}`" for value in arguments)
     if arguments and type(None) in arguments:
-        return _type_name(next(arg for arg in arguments if arg is not type(None))) + " or null"
+        others = [arg for arg in arguments if arg is not type(None)]
+        return " or ".join(_type_name(arg) for arg in others) + " or null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in arguments)
     if origin is tuple:
         return "list of " + ", ".join(_type_name(arg) for arg in arguments)
     names = {int: "integer", float: "number", bool: "true/false", str: "text"}

@@ -15,6 +15,7 @@ from lora_trainer.config.data import DataConfig, DatasetConfig
 from lora_trainer.config.evaluation import SampleConfig, ValidationConfig
 from lora_trainer.config.model import ModelConfig
 from lora_trainer.config.network import NetworkConfig
+from lora_trainer.config.objective import ObjectiveConfig
 from lora_trainer.config.output import OutputConfig
 from lora_trainer.config.section import Section
 from lora_trainer.config.training import TrainingConfig
@@ -35,6 +36,9 @@ class Config(Section):
 
     training: TrainingConfig = TrainingConfig()
     """Optimisation."""
+
+    objective: ObjectiveConfig = ObjectiveConfig()
+    """Noise, timesteps and loss weighting: SDXL's own objective unless changed."""
 
     output: OutputConfig = OutputConfig()
     """Where results go."""
@@ -66,6 +70,41 @@ class Config(Section):
                     "every time and cannot be cached; turn off shuffle_tags and tag_dropout, or cache_text_embeddings"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _check_zero_terminal_snr_has_v_prediction(self) -> Config:
+        if self.objective.zero_terminal_snr and self.model.prediction_type != "v_prediction":
+            raise ValueError(
+                "objective.zero_terminal_snr: the last timestep becomes pure noise, where predicting the noise (epsilon) "
+                "is ill-posed; set model.prediction_type: v_prediction, or zero_terminal_snr: false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_masks_have_masked_loss(self) -> Config:
+        masked = [index for index, dataset in enumerate(self.datasets) if dataset.gives_masks]
+        if masked and not self.objective.masked_loss:
+            field = "alpha_mask" if self.datasets[masked[0]].alpha_mask else "mask_dir"
+            raise ValueError(
+                f"datasets.{masked[0]}.{field}: masks weigh the loss only with objective.masked_loss: true; "
+                f"set that too, or remove {field}"
+            )
+        if self.objective.masked_loss and not masked:
+            raise ValueError(
+                "objective.masked_loss: no dataset gives masks; set datasets.N.alpha_mask: true (the alpha channel "
+                "is the mask) or datasets.N.mask_dir (a folder of mask images), or masked_loss: false"
+            )
+        return self
+
+    @property
+    def part_learning_rates(self) -> dict[str, float]:
+        """The base learning rate of each part that trains (before schedules, block weights and LoRA+)."""
+        network, unet_rate = self.network, self.training.learning_rate
+        rates = {"unet": unet_rate} if network.train_unet else {}
+        for part, trains in (("text_encoder_1", network.train_text_encoder_1), ("text_encoder_2", network.train_text_encoder_2)):
+            if trains:
+                rates[part] = network.text_encoder_learning_rate_of(part, unet_rate)
+        return rates
 
     @property
     def caches_text_embeddings(self) -> bool:

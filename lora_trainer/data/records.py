@@ -39,6 +39,13 @@ _NAMES_SHOWN = 3
 
 
 @dataclass(frozen=True)
+class LossMask:
+    """Where one image's loss mask comes from (`data.masks` reads it)."""
+
+    file: Path | None = None  # a mask image in the dataset's mask_dir; None: the image's own alpha channel
+
+
+@dataclass(frozen=True)
 class ImageRecord:
     image_path: Path
     caption: str  # from the caption file, else (none or empty) the default caption or class tokens; before options
@@ -48,6 +55,7 @@ class ImageRecord:
     is_reg: bool
     loss_weight: float
     size: tuple[int, int]  # upright (height, width)
+    loss_mask: LossMask | None = None  # where its loss mask comes from (objective.masked_loss); None: no mask
 
 
 @dataclass(frozen=True)
@@ -102,10 +110,10 @@ def scan_datasets(datasets: Sequence[DatasetConfig]) -> Scan:
 
 def resolve_folders(dataset: DatasetConfig, index: int) -> list[Folder]:
     """The dataset's folder itself, or, kohya-style, its `N_name` subfolders when it holds no images directly."""
-    if _image_files(dataset.path):
+    if image_files(dataset.path):
         return [_folder(dataset.path, dataset, index)]
     subfolders = sorted(path for path in dataset.path.iterdir() if path.is_dir() and KOHYA_FOLDER.match(path.name))
-    found = [_folder(path, dataset, index) for path in subfolders if _image_files(path)]
+    found = [_folder(path, dataset, index) for path in subfolders if image_files(path)]
     if not found:
         kinds = ", ".join(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
         raise ConfigError(
@@ -126,7 +134,7 @@ def _folder(path: Path, dataset: DatasetConfig, index: int) -> Folder:
 def scan_folder(folder: Folder, dataset: DatasetConfig, scan: Scan) -> None:
     fallback_caption = dataset.default_caption or folder.class_tokens or ""
     uncaptioned, empty_captions, animated = [], [], []
-    for image_path in _image_files(folder.path):
+    for image_path in image_files(folder.path):
         header = read_header(image_path)
         if isinstance(header, BadFile):
             scan.bad.append(header)
@@ -266,7 +274,7 @@ def caption_file(image_path: Path, extensions: Sequence[str]) -> Path | None:
     return None
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     # Dot files are hidden (macOS writes `._name.png` resource forks that are not images).
     return sorted(
         path

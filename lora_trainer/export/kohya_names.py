@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_trainer.export.ldm_names import ldm_module_path
+from lora_trainer.model.ldm_names import ldm_module_path
 
 PART_PREFIXES = {"unet": "lora_unet_", "text_encoder_1": "lora_te1_", "text_encoder_2": "lora_te2_"}
 

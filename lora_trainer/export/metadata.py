@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from lora_trainer import __version__
+from lora_trainer.config.network import NetworkConfig
+from lora_trainer.config.objective import ObjectiveConfig
+from lora_trainer.config.optimizers import kohya_optimizer_name
 from lora_trainer.config.schema import Config
 from lora_trainer.data.buckets import PlannedImage
 from lora_trainer.data.captions import split_tags
@@ -47,13 +50,12 @@ def lora_metadata(
     network, training = config.network, config.training
     resolution = config.data.resolution
     records = [image.record for image in images]
-    text_encoder_lr = network.text_encoder_learning_rate or training.learning_rate
     return {
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(network.rank),
         "ss_network_alpha": str(float(network.alpha)),
-        "ss_network_args": json.dumps({}),
+        "ss_network_args": json.dumps(kohya_network_args(network)),
         "ss_network_dropout": str(network.dropout),
         "ss_v2": "False",
         "ss_output_name": config.output.name,
@@ -84,8 +86,10 @@ def lora_metadata(
         "ss_training_started_at": str(progress.started_at.timestamp()),
         "ss_learning_rate": str(training.learning_rate),
         "ss_unet_lr": str(training.learning_rate) if network.train_unet else "",
-        "ss_text_encoder_lr": str(text_encoder_lr) if network.trains_text_encoder else "",
-        "ss_optimizer": training.optimizer,
+        **kohya_learning_rate_metadata(config),
+        "ss_optimizer": kohya_optimizer_name(training),
+        "ss_scale_weight_norms": str(network.scale_weight_norms),
+        "lora_train_ema": json.dumps(training.ema.model_dump() if training.ema.enabled else None),
         "ss_lr_scheduler": training.lr_scheduler,
         "ss_lr_warmup_steps": str(training.lr_warmup_steps),
         "ss_batch_size_per_device": str(training.batch_size),
@@ -102,6 +106,7 @@ def lora_metadata(
         "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon",
         "lora_train_version": __version__,
+        **objective_metadata(config.objective),
     }
 
 
@@ -133,3 +138,67 @@ def bucket_info(images: Sequence[PlannedImage], seed: int) -> dict:
         "buckets": {str(index): {"resolution": [size[1], size[0]], "count": per_epoch[size]} for index, size in enumerate(buckets)},
         "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0,
     }
+
+
+def objective_metadata(objective: ObjectiveConfig) -> dict[str, str]:
+    """The noise, timestep and loss methods under kohya's `ss_*` names, so civitai and A1111 show them; the
+    settings kohya lacks go under `lora_train_*`. A method that is off reads "None", as kohya writes it."""
+
+    def when_on(value: float) -> str:
+        return str(value) if value else "None"
+
+    return {
+        "ss_noise_offset": when_on(objective.noise_offset),
+        "ss_noise_offset_random_strength": str(objective.noise_offset_random_strength),
+        "ss_multires_noise_iterations": when_on(objective.multires_noise_iterations),
+        "ss_multires_noise_discount": str(objective.multires_noise_discount),
+        "ss_ip_noise_gamma": when_on(objective.ip_noise_gamma),
+        "ss_ip_noise_gamma_random_strength": str(objective.ip_noise_gamma_random_strength),
+        "ss_min_snr_gamma": when_on(objective.min_snr_gamma),
+        "ss_debiased_estimation": str(objective.debiased_estimation),
+        "ss_zero_terminal_snr": str(objective.zero_terminal_snr),
+        "ss_loss_type": objective.loss_type,
+        "ss_huber_schedule": objective.huber_schedule,
+        "ss_huber_c": str(objective.huber_c),
+        "ss_huber_scale": str(objective.huber_scale),
+        "ss_masked_loss": str(objective.masked_loss),
+        "lora_train_timesteps": json.dumps(timestep_settings(objective)),
+    }
+
+
+def timestep_settings(objective: ObjectiveConfig) -> dict[str, object]:
+    """The timestep range and distribution, with only the parameters that distribution takes."""
+    settings: dict[str, object] = {
+        "distribution": objective.timestep_distribution,
+        "min_timestep": objective.min_timestep,
+        "max_timestep": objective.max_timestep,
+    }
+    if objective.timestep_distribution == "logit_normal":
+        settings.update(logit_mean=objective.logit_mean, logit_std=objective.logit_std)
+    if objective.timestep_distribution == "shifted":
+        settings["timestep_shift"] = objective.timestep_shift
+    return settings
+
+
+def kohya_network_args(network: NetworkConfig) -> dict[str, str]:
+    """The block weights and LoRA+ ratios set, as kohya writes them into `ss_network_args` (its `--network_args`
+    `key=value` strings, so a list is comma-separated); merge into that JSON mapping."""
+    args = {}
+    for field in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"):
+        value = getattr(network, field)
+        if value is not None:
+            args[field] = value if isinstance(value, str) else ",".join(str(weight) for weight in value)
+    for field in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        value = getattr(network, field)
+        if value is not None:
+            args[field] = str(value)
+    return args
+
+
+def kohya_learning_rate_metadata(config: Config) -> dict[str, str]:
+    """`ss_text_encoder_lr` as kohya writes it: the text encoders' rate, or `[te1, te2]` (as kohya's
+    `--text_encoder_lr A B` writes it) when the two differ; empty when neither trains."""
+    rates = [rate for part, rate in config.part_learning_rates.items() if part != "unet"]
+    if not rates:
+        return {"ss_text_encoder_lr": ""}
+    return {"ss_text_encoder_lr": str(rates[0]) if len(set(rates)) == 1 else str(rates)}

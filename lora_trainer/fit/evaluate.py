@@ -7,8 +7,8 @@ would wait forever for the others), in eval mode, and leave the models as they w
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,15 +36,17 @@ class Evaluator:
     encode_captions: CaptionEncoder  # through the unwrapped (or cached) text encoders
     validation: ValidationSet | None
     drawer: SampleDrawer | None  # None without sample prompts, and on every process but the main one
+    weights: Callable[[], AbstractContextManager[Any]] = nullcontext  # the run's `evaluation_weights` (EMA), set by setup
 
     def after_epoch(self, epoch: int, step: int, last: bool) -> None:
         """After `epoch` (0: before training): validation loss and samples when they are due; history saved."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            if self.validation is not None and self._validation_due(epoch, last):
-                self._measure_validation(epoch, step)
-            if self.drawer is not None and self._samples_due(epoch, last):
-                self.drawer.draw_round(epoch, step, self.history, tensorboard(self.accelerator))
+            with self.weights():
+                if self.validation is not None and self._validation_due(epoch, last):
+                    self._measure_validation(epoch, step)
+                if self.drawer is not None and self._samples_due(epoch, last):
+                    self.drawer.draw_round(epoch, step, self.history, tensorboard(self.accelerator))
             self.history.save(history_path(self.config.output.dir, self.config.output.name))
         self.accelerator.wait_for_everyone()
 
@@ -55,7 +57,8 @@ class Evaluator:
             return
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.drawer.draw_round(epoch, step, None, tensorboard(self.accelerator))
+            with self.weights():
+                self.drawer.draw_round(epoch, step, None, tensorboard(self.accelerator))
         self.accelerator.wait_for_everyone()
 
     def _validation_due(self, epoch: int, last: bool) -> bool:

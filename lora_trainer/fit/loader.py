@@ -1,5 +1,6 @@
 """The training batches: one item per image per repeat, each giving latents (or pixels), caption, time_ids and
-loss weight, in batches of one bucket, this process's share, on its device.
+loss weight (and its loss mask under `objective.masked_loss`), in batches of one bucket, this process's share, on
+its device.
 
 An item's random choices (flip, caption shuffle and dropout, random crop) come from a generator seeded
 by the run's seed, the epoch and the item, so they change every epoch and repeat exactly across runs.
@@ -23,6 +24,7 @@ from lora_trainer.data.buckets import CropPlan, random_crop
 from lora_trainer.data.captions import training_caption
 from lora_trainer.data.epochs import epoch_items
 from lora_trainer.data.images import UnreadableImage, apply_plan, load_rgb, to_model_input
+from lora_trainer.data.masks import full_mask, latent_mask
 from lora_trainer.errors import UserError
 from lora_trainer.fit.batches import BucketBatches, DataKey, noise_seed
 from lora_trainer.model.conditioning import time_ids
@@ -33,7 +35,9 @@ def make_dataloader(data: TrainingData, config: Config, accelerator: Any) -> Any
     from accelerate.data_loader import prepare_data_loader
 
     seed = config.training.seed
-    dataset = TrainingDataset(epoch_items(data.items, seed), config.datasets, seed, config.data.alpha_background)
+    dataset = TrainingDataset(
+        epoch_items(data.items, seed), config.datasets, seed, config.data.alpha_background, config.objective.masked_loss
+    )
     batches = BucketBatches(dataset.buckets(), config.training.batch_size, seed, accelerator.num_processes, accelerator.process_index)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.data.workers,
@@ -48,11 +52,15 @@ def make_dataloader(data: TrainingData, config: Config, accelerator: Any) -> Any
 
 
 class TrainingDataset(Dataset):
-    def __init__(self, items: Sequence[TrainingItem], datasets: Sequence[DatasetConfig], seed: int, background: tuple[int, int, int]):
+    def __init__(
+        self, items: Sequence[TrainingItem], datasets: Sequence[DatasetConfig], seed: int, background: tuple[int, int, int],
+        masked_loss: bool = False,
+    ):
         self.items = list(items)
         self.datasets = datasets
         self.seed = seed
         self.background = background
+        self.masked_loss = masked_loss  # each example then carries its loss mask at the latent size
 
     def __len__(self) -> int:
         return len(self.items)
@@ -83,11 +91,26 @@ class TrainingDataset(Dataset):
             example["image_path"] = str(item.record.image_path)
         else:
             example["latents"] = (item.flipped_latent if flip else item.latent).load()
+        if self.masked_loss:
+            example["loss_mask"] = _loss_mask(item, plan, flip)
         return example
 
 
 def _time_ids(plan: CropPlan) -> torch.Tensor:
     return time_ids(plan.original, plan.crop_top_left, plan.bucket)
+
+
+def _loss_mask(item: TrainingItem, plan: CropPlan, flip: bool) -> torch.Tensor:
+    """The item's mask [1, h, w] as cut by `plan`: from its cache entry, made now when the VAE encodes every step,
+    or all ones for an image whose dataset gives no masks."""
+    if item.record.loss_mask is None:
+        return full_mask(plan.bucket)
+    if item.latent is not None:
+        return (item.flipped_latent if flip else item.latent).load_mask()
+    try:
+        return latent_mask(item.record, plan, flip)
+    except UnreadableImage as error:
+        raise UserError(f"{item.record.image_path}: {error}; it was readable when training started") from None
 
 
 def collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -102,6 +125,8 @@ def collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     batch[source] = torch.stack([example[source] for example in examples])
     if source == "pixels":
         batch["image_paths"] = [example["image_path"] for example in examples]
+    if "loss_mask" in examples[0]:
+        batch["loss_masks"] = torch.stack([example["loss_mask"] for example in examples])
     return batch
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from lora_trainer.adapters.wiring import trainable_parameters
-from lora_trainer.fit.objective import seeded_noise_and_timesteps
+from lora_trainer.fit.max_norm import apply_max_norm
+from lora_trainer.fit.optim import optimizer_train_mode
 from lora_trainer.fit.run import Run
 from lora_trainer.fit.save import prune_saves, save_lora, save_state
 from lora_trainer.fit.state import Position
@@ -29,6 +30,7 @@ def fit(run: Run, stop: StopSignals | None = None) -> None:
     accelerator = run.accelerator
     stop = stop or StopSignals()
     trainable = [parameter for model in run.trained.values() for parameter in trainable_parameters(model)]
+    optimizer_train_mode(run.optimizer)  # a schedule-free optimizer must be in training mode for every step
     if run.step == 0:
         run.evaluator.after_epoch(0, run.step, last=False)  # the baseline: before any step
     bar = progress_bar(total=run.total_steps, initial=run.step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
@@ -44,10 +46,7 @@ def fit(run: Run, stop: StopSignals | None = None) -> None:
                 with accelerator.accumulate(*run.trained.values()):
                     losses.append(_train_on(run, batch, epoch, trainable))
                 if accelerator.sync_gradients:
-                    if not accelerator.optimizer_step_was_skipped:
-                        run.lr_scheduler.step()
-                    run.step += 1
-                    _report(run, bar, epoch, sum(losses) / len(losses))
+                    _finish_step(run, bar, epoch, sum(losses) / len(losses))
                     losses.clear()
                     _after_step(run, stop, Position(run.step, epoch, batches_done))
                     if run.step >= run.total_steps:
@@ -62,9 +61,12 @@ def _train_on(run: Run, batch: dict[str, Any], epoch: int, trainable: list[torch
     """Forward, backward and (when the accumulation is complete) the optimizer step of one batch; its loss."""
     accelerator, config = run.accelerator, run.config
     latents = batch["latents"] = _latents_of(batch, run.vae)
-    noise, timesteps = seeded_noise_and_timesteps(latents, run.noise_scheduler.config.num_train_timesteps, batch["noise_seeds"])
+    draw = run.draw_noise(latents, batch["noise_seeds"])
     with accelerator.autocast():
-        loss = training_step(run.unet, run.encode_captions, run.noise_scheduler, batch, noise, timesteps)
+        loss = training_step(
+            run.unet, run.encode_captions, run.noise_scheduler, batch, draw.noise, draw.timesteps,
+            objective=config.objective, input_noise=draw.input_noise,
+        )
     loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
     if not math.isfinite(loss_value):
         _check_latents(batch)
@@ -147,10 +149,30 @@ def _check_latents(batch: dict[str, Any]) -> None:
         raise non_finite_latents(batch["image_paths"][int((~finite).nonzero()[0])])
 
 
-def _report(run: Run, bar: Any, epoch: int, loss: float) -> None:
-    learning_rates = run.lr_scheduler.get_last_lr()
+def _finish_step(run: Run, bar: Any, epoch: int, loss: float) -> None:
+    """After the optimizer stepped: the schedule, the step count, max-norm, the EMA, and the step's report."""
+    # The rates this step trained at, read before the schedule moves on (Adafactor's own are known only after).
+    rates = [group["lr"] for group in run.optimizer.param_groups]
+    if not run.accelerator.optimizer_step_was_skipped:
+        run.lr_scheduler.step()
+    if None in rates:
+        rates = run.lr_scheduler.get_last_lr()
+    run.step += 1
+    scalars: dict[str, float] = {}
+    max_norm = run.config.network.scale_weight_norms
+    if max_norm:
+        unwrapped = {part: run.accelerator.unwrap_model(model) for part, model in run.trained.items()}
+        scaled, mean_norm, largest_norm = apply_max_norm(unwrapped, max_norm)
+        # kohya's TensorBoard names, so its users' dashboards read the same.
+        scalars.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": largest_norm})
+    if run.ema is not None:
+        run.ema.update(run.step)
+    _report(run, bar, epoch, loss, rates, scalars)
+
+
+def _report(run: Run, bar: Any, epoch: int, loss: float, learning_rates: list[float], extra: dict[str, float]) -> None:
     run.history.train_losses.append(loss)
-    scalars = {"loss": loss, "epoch": epoch}
+    scalars = {"loss": loss, "epoch": epoch, **extra}
     for group, learning_rate in zip(run.optimizer.param_groups, learning_rates):
         scalars[f"lr/{group['name']}"] = learning_rate
     run.accelerator.log(scalars, step=run.step)

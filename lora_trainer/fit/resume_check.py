@@ -3,7 +3,8 @@
 Allowed to change: how often and what is saved, the sample images, how the data is read (workers, cache
 folder), how often validation runs, and the step or epoch budget (the learning-rate schedule is then
 recomputed over the new total, which `train` says in one line). The per-device batch may change with
-the number of processes as long as the global batch stays the same.
+the number of processes as long as the global batch stays the same. The EMA of the adapters may move to
+or from the CPU (`training.ema.on_cpu`); its other settings change the LoRA the run saves.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ FREE_TO_CHANGE = (
     "output.state_save_failure", "output.save_dtype", "sample.", "data.workers", "data.cache_dir",
     "data.vae_batch_size", "data.on_bad_image", "validation.every_n_epochs", "model.allow_pickle",
     "training.epochs", "training.max_steps", "training.batch_size",
+    "training.ema.on_cpu",  # where the average is kept, not what it computes
 )
 
 

@@ -20,6 +20,7 @@ from lora_trainer.model.parts import SDXLParts
 from lora_trainer.report.history import RunHistory, SampleRecord
 from lora_trainer.sampling.generate import Drawing, draw, drawings, generation_info, pipeline_from_parts, slug
 from lora_trainer.sampling.png_info import save_png
+from lora_trainer.sampling.schedulers import ZERO_TERMINAL_SNR_GUIDANCE_RESCALE, zero_terminal_snr_sampling
 
 SAMPLES_FOLDER = "samples"
 
@@ -31,7 +32,9 @@ class SampleDrawer:
         self.unet = unet  # unwrapped: the same modules that train, adapters included
         self.text = parts.text
         self.vae = parts.vae
-        self.scheduler = parts.noise_scheduler
+        zero_snr = config.objective.zero_terminal_snr
+        self.scheduler = zero_terminal_snr_sampling(parts.noise_scheduler) if zero_snr else parts.noise_scheduler
+        self.guidance_rescale = ZERO_TERMINAL_SNR_GUIDANCE_RESCALE if zero_snr else 0.0
         self.device = device
         self.drawings: list[Drawing] = drawings(config.sample.prompt_specs(config.data.resolution))
 
@@ -42,7 +45,7 @@ class SampleDrawer:
         paths = []
         with self._borrowed_models() as pipeline:
             for drawing in self.drawings:
-                image = draw(pipeline, drawing, self.config.data.max_token_length)
+                image = draw(pipeline, drawing, self.config.data.max_token_length, self.guidance_rescale)
                 path = folder / f"{label}-{drawing.index:02d}-{slug(drawing.spec.prompt)}.png"
                 save_png(path, image, generation_info(drawing, self.config.model.pretrained, ((self.config.output.name, 1.0),)))
                 paths.append(path)

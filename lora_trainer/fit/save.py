@@ -1,5 +1,5 @@
-"""What a run writes: the LoRA file with its metadata, the resolved config and the loss curve beside it, and at
-the end the history and the report."""
+"""What a run writes: the LoRA file with its metadata, the resolved config, the loss curve and the timestep
+histogram beside it, and at the end the history and the report."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from lora_trainer.errors import UserError
 from lora_trainer.export.lora_file import SAVE_DTYPES, save_lora_file, to_kohya_tensors
 from lora_trainer.export.metadata import Progress, lora_metadata
 from lora_trainer.files import write_text_atomic
+from lora_trainer.fit.eval_weights import evaluation_weights
 from lora_trainer.fit.run import Run
 from lora_trainer.fit.state import Position, process_rng_state, prune_states, state_folder, write_state
+from lora_trainer.fit.timesteps import write_timestep_histogram_of_run
 from lora_trainer.report.history import history_path
 from lora_trainer.report.html import write_report
 from lora_trainer.report.plots import write_loss_curve
@@ -26,18 +28,23 @@ log = logging.getLogger(__name__)
 
 
 def save_lora(run: Run, name: str, epoch: int) -> Path:
-    """Write `<output.dir>/<name>.safetensors`, the resolved config and the loss curve beside it (main process only)."""
+    """Write `<output.dir>/<name>.safetensors`, the resolved config, loss curve and timestep histogram beside it (main process only)."""
     accelerator, config = run.accelerator, run.config
     path = config.output.dir / f"{name}.safetensors"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        weights = {part: (model, read_lora_weights(model)) for part, model in _unwrapped(run).items()}
-        tensors = to_kohya_tensors(weights, SAVE_DTYPES[config.output.save_dtype])
         progress = Progress(steps=run.step, epoch=epoch, started_at=run.started_at)
-        save_lora_file(path, tensors, lora_metadata(config, run.data.items, run.data.folders, progress, run.base))
+        with evaluation_weights(run):  # written inside: the tensors may share the adapters' memory
+            weights = {part: (model, read_lora_weights(model)) for part, model in _unwrapped(run).items()}
+            tensors = to_kohya_tensors(weights, SAVE_DTYPES[config.output.save_dtype])
+            save_lora_file(path, tensors, lora_metadata(config, run.data.items, run.data.folders, progress, run.base))
         run.history.epoch_record(epoch, run.step).lora_file = path.name
         write_text_atomic(config.output.dir / f"{config.output.name}.yaml", dump_config(config))
         write_loss_curve(config.output.dir / f"{config.output.name}-loss.png", run.history.train_losses, f"{config.output.name}: training loss")
+        write_timestep_histogram_of_run(
+            config.output.dir / f"{config.output.name}-timesteps.png", config.objective, run.history.timestep_counts,
+            run.noise_scheduler.config.num_train_timesteps, config.output.name,
+        )
         log.info("saved %s", path)
     return path
 
@@ -75,6 +82,7 @@ def save_state(run: Run, position: Position) -> Path | None:
                     "num_processes": accelerator.num_processes, "data_fingerprint": run.data_fingerprint,
                     "started_at": run.started_at.isoformat(),
                 },
+                ema=run.ema,
             )
             prune_states(output)
         except UserError as error:

@@ -7,7 +7,7 @@ the sample images. Accelerate gets the parts it manages: the trained models, the
 from __future__ import annotations
 
 import logging
-import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,15 +20,20 @@ from lora_trainer.config.schema import Config
 from lora_trainer.data.buckets import bucket_table
 from lora_trainer.fit.base_model import describe_base
 from lora_trainer.fit.accelerator import start_accelerator, start_trackers
+from lora_trainer.fit.ema import make_adapter_ema
+from lora_trainer.fit.eval_weights import evaluation_weights
 from lora_trainer.fit.evaluate import Evaluator
 from lora_trainer.fit.loader import make_dataloader
 from lora_trainer.fit.long_captions import report_cut_captions
-from lora_trainer.fit.optim import make_lr_scheduler, make_optimizer, parameter_groups
+from lora_trainer.fit.optim import log_optimizer_notes, make_optimizer
+from lora_trainer.fit.param_groups import freeze_unweighted_blocks, parameter_groups
+from lora_trainer.fit.plan import format_plan, training_plan
 from lora_trainer.fit.resume import restore_run
 from lora_trainer.fit.resume_check import check_resumable, check_same_data
 from lora_trainer.fit.run import Run
 from lora_trainer.fit.state import SavedState, data_fingerprint, find_state, read_state
 from lora_trainer.fit.samples import SampleDrawer
+from lora_trainer.fit.schedules import make_lr_scheduler
 from lora_trainer.model.conditioning import CaptionEncoder, live_caption_encoder
 from lora_trainer.model.parts import SDXLParts, TextEncoders, load_sdxl
 from lora_trainer.model.precision import weight_dtype
@@ -55,21 +60,25 @@ def setup(config: Config, resume: str | None = None) -> Run:
     trained = attach_adapters(models, config.network)
     if config.network.init_weights is not None and saved is None:
         load_initial_weights(trained, config.network.init_weights)
+    freeze_unweighted_blocks(trained, config.network)  # before DDP wraps them: it must see only what trains
     if config.training.gradient_checkpointing:
         enable_gradient_checkpointing(models)
     optimizer = make_optimizer(parameter_groups(trained, config), config.training)
+    if accelerator.is_main_process:
+        log_optimizer_notes(config.training)
     *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
     trained = dict(zip(trained, prepared))
     models.update(trained)
+    ema = make_adapter_ema(trained, config.training.ema, accelerator.unwrap_model)
     dataloader = make_dataloader(caches.training, config, accelerator)
 
     batches_per_epoch = len(dataloader)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.training.gradient_accumulation_steps)
-    total_steps = config.training.max_steps or config.training.epochs * steps_per_epoch
+    plan = training_plan(config, len(dataloader.dataset), batches_per_epoch, accelerator.num_processes)
+    steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
     lr_scheduler = make_lr_scheduler(optimizer, config.training, total_steps)
     history = RunHistory(config.output.name, steps_per_epoch)
     if accelerator.is_main_process:
-        log.info(batch_plan(config, len(caches.training.items), batches_per_epoch, steps_per_epoch, total_steps, accelerator.num_processes))
+        log.info(format_plan(plan))
     # A resumed run hides the killed run's TensorBoard points past the state, which it is about to log again.
     start_trackers(accelerator, config, purge_step=saved.position.step + 1 if saved is not None else None)
     set_seed(config.training.seed, device_specific=True)  # each process its own dropout
@@ -88,14 +97,16 @@ def setup(config: Config, resume: str | None = None) -> Run:
         lr_scheduler=lr_scheduler,
         dataloader=dataloader,
         total_steps=total_steps,
-        epochs=math.ceil(total_steps / steps_per_epoch),
+        epochs=plan.epochs,
         batches_per_epoch=batches_per_epoch,
         history=history,
         evaluator=_evaluator(config, accelerator, parts, caches, trained, history),
         base=describe_base(parts, with_hashes=accelerator.is_main_process, show_progress=accelerator.is_local_main_process),
         vae=None if config.data.cache_latents else parts.vae.to(device, torch.float32),  # fp32: SDXL's VAE overflows in fp16
         data_fingerprint=fingerprint,
+        ema=ema,
     )
+    run.evaluator.weights = partial(evaluation_weights, run)
     if saved is not None:
         restore_run(run, saved)
     return run
@@ -121,17 +132,6 @@ def _filled_caches(config: Config, accelerator: Any, parts: SDXLParts) -> Filled
             log.info("text embeddings: %d reused, %d encoded", caches.text_reused, caches.text_encoded)
         report_cut_captions(config, caches, parts.text.tokenizer_1)
     return caches
-
-
-def batch_plan(config: Config, images: int, batches_per_epoch: int, steps_per_epoch: int, total_steps: int, processes: int) -> str:
-    """One line: how images become steps, with the global batch spelled out."""
-    training = config.training
-    per_step = training.batch_size * processes * training.gradient_accumulation_steps
-    return (
-        f"{images} images, {batches_per_epoch} batches per epoch; {training.batch_size} per device x {processes} "
-        f"process{'es' * (processes != 1)} x {training.gradient_accumulation_steps} accumulated = {per_step} images per step; "
-        f"{steps_per_epoch} steps per epoch, {total_steps} steps"
-    )
 
 
 def enable_gradient_checkpointing(models: dict[str, torch.nn.Module]) -> None:
@@ -176,7 +176,7 @@ def _evaluator(config: Config, accelerator: Any, parts: SDXLParts, caches: Fille
         history=history,
         trained=trained,
         unet=unet,
-        noise_scheduler=parts.noise_scheduler,
+        noise_scheduler=parts.noise_scheduler_for(config.objective.zero_terminal_snr),
         encode_captions=_caption_encoder(
             caches, text, text.text_encoder_1, text.text_encoder_2, device, dtype, config.data.max_token_length
         ),

@@ -9,6 +9,7 @@ renamed (complete or absent, whatever kills the process), holding:
     adapters.safetensors   the adapter weights only: the frozen base is never written (SDXL's is ~6.6 GB)
     optimizer.safetensors  the optimizer's tensors (its other values are in state.json)
     rng.safetensors        torch's CPU and CUDA generator states, one set per process (dropout)
+    ema.safetensors        with `training.ema` on: the moving average of the adapters (its update count is in state.json)
 
 Data order, caption randomness, noise and timesteps are pure functions of (seed, epoch, place in the
 epoch), so the data position is two numbers and no generator of ours needs saving. Everything is read
@@ -26,7 +27,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -40,6 +41,9 @@ from lora_trainer.config.output import OutputConfig
 from lora_trainer.config.schema import Config
 from lora_trainer.errors import UserError
 from lora_trainer.files import directory_atomic, temporary_name, write_bytes_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from lora_trainer.fit.ema import AdapterEMA
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +124,10 @@ def write_state(
     rng_states: list[dict[str, Any]],
     history_json: str,
     counters: dict[str, Any],
+    ema: AdapterEMA | None = None,
 ) -> None:
-    """Write one state folder atomically (`trained`: unwrapped models; `rng_states`: one per process)."""
+    """Write one state folder atomically (`trained`: unwrapped models; `rng_states`: one per process; `ema`: the
+    run's average of the adapters, if it keeps one)."""
     optimizer_tensors, optimizer_values = _split_optimizer_state(optimizer.state_dict())
     rng_tensors, python_rng = _rng_tensors(rng_states)
     state = {
@@ -132,12 +138,15 @@ def write_state(
         "lr_scheduler": lr_scheduler.state_dict(),
         "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
         "python_rng": python_rng,
+        "ema": ema.state_values() if ema is not None else None,
         "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     with directory_atomic(folder) as temporary:
         write_bytes_atomic(temporary / "adapters.safetensors", save(adapter_tensors(trained)))
         write_bytes_atomic(temporary / "optimizer.safetensors", save(optimizer_tensors))
         write_bytes_atomic(temporary / "rng.safetensors", save(rng_tensors))
+        if ema is not None:
+            write_bytes_atomic(temporary / "ema.safetensors", save(ema.state_tensors()))
         write_text_atomic(temporary / "config.yaml", dump_config(config))
         write_text_atomic(temporary / "history.json", history_json)
         write_text_atomic(temporary / "state.json", json.dumps(state, indent=1))
@@ -188,10 +197,15 @@ def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.
     """The optimizer's tensors apart (for safetensors), its other values as JSON with a `{"tensor": key}` in place
     of each tensor, nested dicts included (bitsandbytes keeps its 8-bit state in one)."""
     tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
 
     def pack(value: Any, key: str) -> Any:
         if isinstance(value, torch.Tensor):
-            tensors[key] = value.detach().to("cpu").contiguous()
+            tensor = value.detach().to("cpu").contiguous()
+            if tensor.untyped_storage().data_ptr() in storages:  # bitsandbytes shares one quantization map among
+                tensor = tensor.clone()  # all parameters, and safetensors refuses tensors that share memory
+            storages.add(tensor.untyped_storage().data_ptr())
+            tensors[key] = tensor
             return {"tensor": key}
         if isinstance(value, dict):
             return {str(name): pack(item, f"{key}.{name}") for name, item in value.items()}
@@ -281,6 +295,17 @@ def load_optimizer_state(optimizer: Any, saved: SavedState) -> None:
     values = saved.values["optimizer"]
     state = {int(index): _unpack(entries, tensors) for index, entries in values["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": values["param_groups"]})
+
+
+def load_ema_state(ema: AdapterEMA, saved: SavedState) -> None:
+    """Restore the moving average of the adapters and its update count, every averaged parameter accounted for."""
+    if saved.values.get("ema") is None:
+        raise UserError(f"{saved.folder}: this state was saved without training.ema; resume with the config it was saved with")
+    tensors = _load_safetensors(saved.folder / "ema.safetensors")
+    if set(tensors) != set(ema.names):
+        difference = sorted(set(tensors) ^ set(ema.names))
+        raise UserError(f"{saved.folder}: its EMA does not fit this run's adapters (e.g. {difference[0]}); resume with the config it was saved with")
+    ema.load_state_tensors(tensors, saved.values["ema"])
 
 
 def restore_rng_state(saved: SavedState, rank: int, seed: int) -> bool:

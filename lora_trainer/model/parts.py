@@ -117,9 +117,17 @@ class SDXLParts:
     @cached_property
     def noise_scheduler(self) -> DDPMScheduler:
         """The training noise schedule: DDPM over the model's own betas, with the model's prediction type."""
-        from diffusers import DDPMScheduler
+        return training_noise_scheduler(self._scheduler_config, self.prediction_type, zero_terminal_snr=False)
 
-        return DDPMScheduler.from_config(self._scheduler_config, prediction_type=self.prediction_type)
+    @cached_property
+    def zero_terminal_snr_scheduler(self) -> DDPMScheduler:
+        """`noise_scheduler` with its betas rescaled to zero terminal SNR (`training_noise_scheduler`)."""
+        return training_noise_scheduler(self._scheduler_config, self.prediction_type, zero_terminal_snr=True)
+
+    def noise_scheduler_for(self, zero_terminal_snr: bool) -> DDPMScheduler:
+        """The training schedule of a run with `objective.zero_terminal_snr` set or not (training, validation and
+        in-training samples all take this one)."""
+        return self.zero_terminal_snr_scheduler if zero_terminal_snr else self.noise_scheduler
 
     @cached_property
     def prediction_type(self) -> str:
@@ -181,6 +189,16 @@ class SDXLParts:
             return model_class.from_pretrained(model_location(self.config.pretrained), **options)
 
 
+def training_noise_scheduler(scheduler_config: dict[str, Any], prediction_type: str, zero_terminal_snr: bool) -> DDPMScheduler:
+    """DDPM over the model's betas; with `zero_terminal_snr`, diffusers' `rescale_betas_zero_snr`, which is Lin et al.
+    2023 (arXiv:2305.08891), Algorithm 1: sqrt(abar) shifted so its last value is 0 and scaled so its first is
+    unchanged, hence SNR(T - 1) = 0 exactly. Without it, a model config that already rescales keeps doing so."""
+    from diffusers import DDPMScheduler
+
+    rescaled = {"rescale_betas_zero_snr": True} if zero_terminal_snr else {}
+    return DDPMScheduler.from_config(scheduler_config, prediction_type=prediction_type, **rescaled)
+
+
 def _single_file(config: ModelConfig) -> SingleFileCheckpoint:
     # With model.config the user describes their own architecture, so only the family is checked.
     checkpoint = SingleFileCheckpoint(Path(config.pretrained), "model.pretrained", require_base_shape=config.config is None)
@@ -210,7 +228,8 @@ def load_sdxl(config: ModelConfig) -> SDXLParts:
         if parts.checkpoint.facts.zero_terminal_snr:
             log.warning(
                 "model.pretrained: %s was trained with zero-terminal SNR; lora-train uses the scheduler's betas "
-                "as they are (rescaled betas are not supported yet), which still trains but less faithfully",
+                "as they are unless objective.zero_terminal_snr is true (with model.prediction_type: v_prediction), "
+                "which trains with the rescaled ones it was made with",
                 parts.checkpoint.path.name,
             )
     return parts

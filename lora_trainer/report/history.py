@@ -7,6 +7,7 @@ interrupted run, and `lora-train report OUTPUT_DIR` needs nothing but this file 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,13 @@ class RunHistory:
     train_losses: list[float] = field(default_factory=list)  # one per optimizer step
     epochs: list[EpochRecord] = field(default_factory=list)
     samples: list[SampleRecord] = field(default_factory=list)
+    timestep_counts: list[int] = field(default_factory=list)  # how often each training timestep was drawn
+
+    def count_timesteps(self, timesteps: Iterable[int], num_train_timesteps: int) -> None:
+        """Add drawn training timesteps to `timestep_counts` (one count per timestep of the schedule)."""
+        self.timestep_counts.extend([0] * (num_train_timesteps - len(self.timestep_counts)))
+        for timestep in timesteps:
+            self.timestep_counts[timestep] += 1
 
     def epoch_record(self, epoch: int, step: int) -> EpochRecord:
         """The record of `epoch`, created if this is the first thing known about it."""

@@ -1,4 +1,5 @@
-"""PNG figures of a run: the loss curve beside the LoRA, and the report's loss plot and sample grid.
+"""PNG figures of a run: the loss curve and timestep histogram beside the LoRA, and the report's loss plot and
+sample grid.
 
 Drawn with matplotlib's object API (a `Figure` on an Agg canvas), never pyplot: pyplot keeps global
 state and picks a GUI backend, while a bare figure is safe in threads and needs no display.
@@ -54,6 +55,32 @@ def write_loss_curve(path: Path, losses: Sequence[float], title: str) -> None:
         _note(axes, "no losses recorded")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
+    write_bytes_atomic(path, _png_bytes(figure))
+
+
+def write_timestep_histogram(path: Path, counts: Sequence[int], probabilities: Sequence[float], title: str) -> None:
+    """The share of drawn timesteps per bin of 1/50 of the schedule (bars), under the configured distribution's
+    share of each bin (line), 800x400 pixels. `counts[t]` and `probabilities[t]` are per timestep t; the counts
+    are the main process's own draws (the others draw from the same distribution), so no step waits to gather them."""
+    width = max(1, len(probabilities) // 50)
+    starts = list(range(0, len(probabilities), width))
+    expected = [sum(probabilities[start : start + width]) for start in starts]
+    drawn = [sum(counts[start : start + width]) for start in starts]
+    total = sum(drawn)
+    figure = _figure(800, 400)
+    axes = figure.add_subplot()
+    axes.set_title(title, parse_math=False)
+    if total:
+        axes.bar(starts, [count / total for count in drawn], width=width, align="edge", color=RAW_COLOR,
+                 label=f"drawn: {total} timesteps (main process)")
+    else:
+        _note(axes, "no timesteps drawn yet")
+    axes.step(starts + [len(probabilities)], expected + expected[-1:], where="post", color=SMOOTH_COLOR, linewidth=2,
+              label="configured distribution")
+    axes.set_xlim(0, len(probabilities))
+    axes.set_xlabel("timestep")
+    axes.set_ylabel(f"share of draws per {width} timesteps")
+    axes.legend(loc="best")
     write_bytes_atomic(path, _png_bytes(figure))
 
 

@@ -9,6 +9,7 @@ VAE overflows in half precision and the pipeline's own upcasting depends on how 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -30,7 +31,9 @@ from lora_trainer.model.vae import unscale_latents
 from lora_trainer.progress import progress_bar
 from lora_trainer.sampling.base_check import warn_about_other_bases
 from lora_trainer.sampling.png_info import GenerationInfo, save_png
-from lora_trainer.sampling.schedulers import make_scheduler
+from lora_trainer.sampling.schedulers import ZERO_TERMINAL_SNR_GUIDANCE_RESCALE, make_scheduler, zero_terminal_snr_sampling
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,12 @@ def sample_images(request: SampleRequest) -> list[Path]:
     parts = load_sdxl(request.model)
     warn_about_other_bases(files, request.model)
     load_loras_into(parts.lora_targets(), files)
-    pipeline = pipeline_from_parts(parts.unet, parts.text, parts.vae, parts.noise_scheduler)
+    zero_snr = any(lora.metadata.get("ss_zero_terminal_snr") == "True" for lora, _, _ in files)
+    scheduler = zero_terminal_snr_sampling(parts.noise_scheduler) if zero_snr else parts.noise_scheduler
+    guidance_rescale = ZERO_TERMINAL_SNR_GUIDANCE_RESCALE if zero_snr else 0.0
+    if zero_snr:
+        log.info("a LoRA was trained with zero-terminal SNR: trailing timesteps and guidance rescale %g", guidance_rescale)
+    pipeline = pipeline_from_parts(parts.unet, parts.text, parts.vae, scheduler)
     place(pipeline, device, dtype)
     native = pipeline.default_sample_size * pipeline.vae_scale_factor
     specs = [replace(spec, width=spec.width or native, height=spec.height or native) for spec in request.specs]
@@ -65,13 +73,13 @@ def sample_images(request: SampleRequest) -> list[Path]:
     model, out = request.model.pretrained, request.out
     paths = []
     for drawing in progress_bar(drawings(specs, request.images_per_prompt), desc="sampling", unit="img"):
-        image = draw(pipeline, drawing, request.max_token_length)
+        image = draw(pipeline, drawing, request.max_token_length, guidance_rescale)
         stem = f"{drawing.index:02d}-{slug(drawing.spec.prompt)}-seed{drawing.seed}"
         paths.append(out / f"{stem}.png")
         save_png(paths[-1], image, generation_info(drawing, model, lora_names))
         if request.compare:
             with adapters_disabled(parts.lora_targets().values()):
-                base = draw(pipeline, drawing, request.max_token_length)
+                base = draw(pipeline, drawing, request.max_token_length, guidance_rescale)
             save_png(out / f"{stem}-base.png", base, generation_info(drawing, model, ()))
             paths.append(out / f"{stem}-compare.png")
             write_bytes_atomic(paths[-1], _png(side_by_side(base, image, "without LoRA", "with LoRA")))
@@ -102,8 +110,9 @@ def pipeline_from_parts(unet: torch.nn.Module, text: TextEncoders, vae: torch.nn
 
 
 @torch.no_grad()
-def draw(pipeline: Any, drawing: Drawing, max_token_length: int = CHUNK_TOKENS) -> Image.Image:
-    """One image; the same drawing gives the same image on every run (the noise comes from a CPU generator)."""
+def draw(pipeline: Any, drawing: Drawing, max_token_length: int = CHUNK_TOKENS, guidance_rescale: float = 0.0) -> Image.Image:
+    """One image; the same drawing gives the same image on every run (the noise comes from a CPU generator).
+    `guidance_rescale` is the pipeline's (Lin et al. 2023, arXiv:2305.08891, section 3.4; 0 leaves it off)."""
     spec = drawing.spec
     base_config = pipeline.scheduler.config
     pipeline.scheduler = make_scheduler(spec.sampler, base_config, base_config.prediction_type)
@@ -111,6 +120,7 @@ def draw(pipeline: Any, drawing: Drawing, max_token_length: int = CHUNK_TOKENS) 
         **prompt_embeddings(pipeline, spec, max_token_length),
         num_inference_steps=spec.steps,
         guidance_scale=spec.guidance_scale,
+        guidance_rescale=guidance_rescale,
         width=spec.width,
         height=spec.height,
         generator=torch.Generator(device="cpu").manual_seed(drawing.seed),

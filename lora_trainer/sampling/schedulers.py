@@ -18,6 +18,17 @@ _A1111_LABELS: dict[str, tuple[str, str | None]] = {
 }
 
 
+ZERO_TERMINAL_SNR_GUIDANCE_RESCALE = 0.7
+"""The guidance rescale phi that Lin et al. 2023 (arXiv:2305.08891, section 3.4) find best with zero terminal SNR."""
+
+
+def zero_terminal_snr_sampling(scheduler: Any) -> Any:
+    """The scheduler the samplers are made from (`make_scheduler` copies its config) for a model or LoRA trained
+    with zero terminal SNR: rescaled betas, and trailing timestep spacing, so sampling starts at the last timestep
+    where the model learnt pure noise (Lin et al. 2023, arXiv:2305.08891, sections 3.1 and 3.3)."""
+    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
 def a1111_label(name: str) -> tuple[str, str | None]:
     """The "Sampler" label and "Schedule type" that A1111 writes for this sampler."""
     return _A1111_LABELS[canonical_sampler(name)]
