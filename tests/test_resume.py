@@ -122,6 +122,20 @@ def test_changing_the_step_budget_recomputes_the_schedule_and_says_so(uninterrup
     assert "the run now has 8 steps instead of 6: the learning-rate schedule is recomputed over 8, so the rate at step 7" in caplog.text
     resumed = history(final.parent)
     assert resumed["train_losses"][:6] == reference["train_losses"] and len(resumed["train_losses"]) == 8
+    # Step 7 trains at the new schedule's rate, not at the one the optimizer's saved state remembers.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lora_trainer.fit.schedules import learning_rate_at
+
+    logged = {}
+    for event_file in (final.parent / "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        if "lr/unet" in accumulator.Tags()["scalars"]:
+            logged.update({event.step: event.value for event in accumulator.Scalars("lr/unet")})
+    expected = learning_rate_at(parse_config(raw).training, 8, 7)
+    assert expected != pytest.approx(learning_rate_at(parse_config(resumable_raw(copy)).training, 6, 7))
+    assert logged[7] == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_resume_on_changed_images_is_refused(tiny_model_path, tmp_path):
@@ -201,3 +215,21 @@ def test_optimizer_state_goes_through_safetensors_and_json_and_steps_on_identica
         parameter.grad = torch.full_like(parameter, 3.0)
         optim.step()
     assert torch.equal(first, second)
+
+
+def test_a_state_saved_before_a_field_existed_resumes_when_the_field_keeps_its_default(tmp_path, tiny_model_path):
+    from types import SimpleNamespace
+
+    import yaml
+
+    from lora_trainer.config.load import dump_config
+    from lora_trainer.fit.resume_check import check_resumable
+
+    config = parse_config(small_raw_config(tmp_path))
+    older = yaml.safe_load(dump_config(config))
+    del older["objective"], older["training"]["ema"]  # as an earlier version wrote the state's config
+    saved = SimpleNamespace(config_text=yaml.safe_dump(older), global_batch_size=config.training.batch_size, folder=tmp_path)
+    check_resumable(config, saved, num_processes=1)
+    changed = parse_config({**small_raw_config(tmp_path), "objective": {"min_snr_gamma": 5}})
+    with pytest.raises(UserError, match=r"objective\.min_snr_gamma \(unset -> 5\.0\)"):
+        check_resumable(changed, saved, num_processes=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from lora_trainer.config.schema import Config
 from lora_trainer.errors import UserError
@@ -30,7 +31,7 @@ FREE_TO_CHANGE = (
 
 def check_resumable(config: Config, saved: SavedState, num_processes: int) -> None:
     """Raise a UserError naming every field whose change would make the resumed run differ from the saved one."""
-    before = _flatten(yaml.safe_load(saved.config_text))
+    before = _saved_settings(saved.config_text)
     after = _flatten(config.model_dump(mode="json"))
     changed = [
         f"{key} ({_show(before.get(key))} -> {_show(after.get(key))})"
@@ -56,6 +57,16 @@ def check_same_data(fingerprint: str, saved: SavedState) -> None:
             f"--resume {saved.folder}: the training images or captions changed since this state was saved (images added, "
             "removed or edited, captions or repeats changed); put the dataset back, or start a new run"
         )
+
+
+def _saved_settings(config_text: str) -> dict[str, Any]:
+    """The state's config with today's defaults filled in, so that a field added since the state was saved, left at
+    its default, is no change; as written when it no longer parses (a dataset folder moved, say)."""
+    raw = yaml.safe_load(config_text)
+    try:
+        return _flatten(Config.model_validate(raw).model_dump(mode="json"))
+    except ValidationError:
+        return _flatten(raw)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
