@@ -140,3 +140,87 @@ def test_a_schedule_free_run_saves_its_averaged_weights(raw_config):
     for key in saved:
         torch.testing.assert_close(saved[key], averaged[key], rtol=1e-5, atol=1e-8)
     assert max((saved[key] - training_mode[key]).abs().max().item() for key in ups) > 1e-6  # rounding is far below
+
+
+# Every optimizer and schedule on the tiny SDXL: a few real steps of the training step, one setup shared.
+
+OPTIMIZER_RATES = {"prodigy": 1.0, "sgdnesterov": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_path):
+    from conftest import small_raw_config
+
+    from lora_trainer.config.load import parse_config
+    from lora_trainer.fit.loader import collate
+    from lora_trainer.fit.setup import setup
+
+    raw = small_raw_config(tmp_path_factory.mktemp("optimizers"))
+    raw["network"].update(train_text_encoder_1=False, train_text_encoder_2=False)
+    run = setup(parse_config(raw))
+    dataset = run.dataloader.dataset
+    batch = collate([dataset[(index, 1)] for index in range(2)])
+    yield run, batch
+    run.accelerator.end_training()
+
+
+def _steps(run, batch, optimizer, schedule=None, count: int = 3) -> list[float]:
+    from lora_trainer.fit.objective import seeded_noise_and_timesteps
+    from lora_trainer.fit.optim import optimizer_train_mode
+    from lora_trainer.fit.step import training_step
+
+    optimizer_train_mode(optimizer)
+    losses = []
+    for step in range(count):
+        noise, timesteps = seeded_noise_and_timesteps(batch["latents"], 1000, [step, step + 100])
+        loss = training_step(run.unet, run.encode_captions, run.noise_scheduler, batch, noise, timesteps)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if schedule is not None:
+            schedule.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "pagedadamw8bit", "lion", "lion8bit", "prodigy", "adafactor", "came",
+                                  "adamwschedulefree", "sgdnesterov"])
+def test_each_optimizer_steps_the_tiny_sdxl(tiny_run, name):
+    from lora_trainer.config.training import TrainingConfig
+    from lora_trainer.fit.optim import make_optimizer
+    from lora_trainer.fit.param_groups import parameter_groups
+
+    run, batch = tiny_run
+    rate = OPTIMIZER_RATES.get(name, 1e-3)
+    config = run.config.model_copy(update={"training": TrainingConfig(optimizer=name, learning_rate=rate)})
+    groups = parameter_groups({"unet": run.accelerator.unwrap_model(run.trained["unet"])}, config)
+    optimizer = make_optimizer(groups, config.training)
+    before = [parameter.detach().clone() for group in groups for parameter in group["params"]]
+    losses = _steps(run, batch, optimizer)
+    after = [parameter.detach() for group in groups for parameter in group["params"]]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert any(not torch.equal(old, new) for old, new in zip(before, after)), f"{name} moved no adapter"
+
+
+@pytest.mark.parametrize(
+    "schedule, options",
+    [("constant", {}), ("constant_with_warmup", {"lr_warmup_steps": 2}), ("linear", {"lr_warmup_steps": 1}),
+     ("cosine", {"lr_scheduler_min_lr_ratio": 0.1}), ("cosine_with_restarts", {"lr_scheduler_num_cycles": 2}),
+     ("polynomial", {"lr_scheduler_power": 2.0, "lr_warmup_steps": 0.25})],
+)
+def test_each_schedule_drives_the_tiny_sdxl(tiny_run, schedule, options):
+    from lora_trainer.config.training import TrainingConfig
+    from lora_trainer.fit.optim import make_optimizer
+    from lora_trainer.fit.param_groups import parameter_groups
+    from lora_trainer.fit.schedules import learning_rate_at, make_lr_scheduler
+
+    run, batch = tiny_run
+    training = TrainingConfig(learning_rate=1e-3, lr_scheduler=schedule, **options)
+    config = run.config.model_copy(update={"training": training})
+    optimizer = make_optimizer(parameter_groups({"unet": run.accelerator.unwrap_model(run.trained["unet"])}, config), training)
+    lr_schedule = make_lr_scheduler(optimizer, training, total_steps=4)
+    rates = []
+    for _ in range(3):
+        rates.append(optimizer.param_groups[0]["lr"])
+        _steps(run, batch, optimizer, lr_schedule, count=1)
+    assert rates == pytest.approx([learning_rate_at(training, 4, step) for step in (1, 2, 3)], abs=1e-12)
