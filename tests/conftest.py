@@ -146,3 +146,16 @@ def small_lora_file(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFact
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return path
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """Every (step, value) logged under `tag` in the TensorBoard event files below `folder`, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points = []
+    for event_file in folder.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            points += [(event.step, event.value) for event in accumulator.Scalars(tag)]
+    return sorted(points)

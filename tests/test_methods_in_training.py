@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import train_in_process
+from conftest import tensorboard_scalars, train_in_process
 
 from lora_trainer.adapters.lora import ADAPTER_NAME, lora_layers
 from lora_trainer.export.lora_file import read_lora_file
@@ -40,18 +40,6 @@ def methods_run(tmp_path_factory, tiny_model_path):
     return run, path
 
 
-def _scalars(folder, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    points = []
-    for event_file in folder.rglob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(event_file))
-        accumulator.Reload()
-        if tag in accumulator.Tags()["scalars"]:
-            points += [(event.step, event.value) for event in accumulator.Scalars(tag)]
-    return sorted(points)
-
-
 def test_each_part_and_the_up_matrices_get_their_rate(methods_run):
     run, _ = methods_run
     rates = {group["name"]: group["initial_lr"] for group in run.optimizer.param_groups}
@@ -71,7 +59,7 @@ def test_the_logged_rate_is_the_one_each_step_trained_at(methods_run):
         progress = (index - 1) / (STEPS - 1)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    logged = _scalars(run.config.output.dir / "logs", "lr/unet")
+    logged = tensorboard_scalars(run.config.output.dir / "logs", "lr/unet")
     assert [step for step, _ in logged] == [1, 2, 3, 4]
     for step, value in logged:
         assert value == pytest.approx(UNET_RATE * factor(step - 1), rel=1e-5, abs=1e-12)
@@ -79,7 +67,7 @@ def test_the_logged_rate_is_the_one_each_step_trained_at(methods_run):
 
 def test_max_norm_bounds_every_adapter(methods_run):
     run, _ = methods_run
-    assert _scalars(run.config.output.dir / "logs", "max_norm/keys_scaled")
+    assert tensorboard_scalars(run.config.output.dir / "logs", "max_norm/keys_scaled")
     for model in run.trained.values():
         for layer in lora_layers(run.accelerator.unwrap_model(model)).values():
             down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight

@@ -123,16 +123,11 @@ def test_changing_the_step_budget_recomputes_the_schedule_and_says_so(uninterrup
     resumed = history(final.parent)
     assert resumed["train_losses"][:6] == reference["train_losses"] and len(resumed["train_losses"]) == 8
     # Step 7 trains at the new schedule's rate, not at the one the optimizer's saved state remembers.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from conftest import tensorboard_scalars
 
     from lora_trainer.fit.schedules import learning_rate_at
 
-    logged = {}
-    for event_file in (final.parent / "logs").rglob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(event_file))
-        accumulator.Reload()
-        if "lr/unet" in accumulator.Tags()["scalars"]:
-            logged.update({event.step: event.value for event in accumulator.Scalars("lr/unet")})
+    logged = dict(tensorboard_scalars(final.parent / "logs", "lr/unet"))
     expected = learning_rate_at(parse_config(raw).training, 8, 7)
     assert expected != pytest.approx(learning_rate_at(parse_config(resumable_raw(copy)).training, 6, 7))
     assert logged[7] == pytest.approx(expected, rel=1e-6)
