@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from train_step import build_unet  # noqa: E402
 
-from lora_trainer.adapters.lora import UNET_TARGETS, attach_lora, lora_parameters  # noqa: E402
+from lora_trainer.adapters.lora import UNET_TARGETS, lora_parameters  # noqa: E402
+from lora_trainer.adapters.attach import attach_lora  # noqa: E402
 from lora_trainer.fit.step import training_step  # noqa: E402
 from lora_trainer.model.precision import WEIGHT_DTYPES  # noqa: E402
 

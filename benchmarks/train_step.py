@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lora_trainer.adapters.lora import UNET_TARGETS, attach_lora, lora_parameters  # noqa: E402
+from lora_trainer.adapters.lora import UNET_TARGETS, lora_parameters  # noqa: E402
+from lora_trainer.adapters.attach import attach_lora  # noqa: E402
 from lora_trainer.fit.objective import draw_noise_and_timesteps  # noqa: E402
 from lora_trainer.fit.step import training_step  # noqa: E402
 from lora_trainer.model.precision import WEIGHT_DTYPES  # noqa: E402

@@ -20,7 +20,7 @@ ALLOWED = {
     "config": SHARED,
     "data": SHARED | {"config"},
     "model": SHARED | {"config"},
-    "adapters": SHARED | {"config"},
+    "adapters": SHARED | {"config", "model"},  # per-block ranks index the UNet by its blocks (model.blocks)
     "cache": SHARED | {"config", "data", "model"},
     "export": SHARED | {"config", "data", "model", "adapters"},  # the model's module names (LDM layout, blocks)
     "sampling": SHARED | {"config", "model", "adapters", "export"},

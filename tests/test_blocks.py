@@ -20,7 +20,8 @@ from conftest import REPO
 from lora_trainer.config import block_weights as blocks
 from lora_trainer.config.block_weights import preset_weights
 from lora_trainer.model.blocks import sdxl_block_index, unet_block_index
-from lora_trainer.adapters.lora import UNET_TARGETS, attach_lora, lora_layers
+from lora_trainer.adapters.lora import UNET_TARGETS, lora_layers
+from lora_trainer.adapters.attach import attach_lora
 from lora_trainer.export.kohya_names import kohya_module_name
 
 KOHYA = json.loads((REPO / "tests" / "data" / "kohya_sdxl_lora_names.json").read_text())

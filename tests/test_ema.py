@@ -10,7 +10,8 @@ import torch
 from conftest import train_in_process
 from safetensors.torch import load_file
 
-from lora_trainer.adapters.lora import attach_lora, read_lora_weights
+from lora_trainer.adapters.attach import attach_lora
+from lora_trainer.adapters.model_weights import read_lora_weights
 from lora_trainer.config.ema import EmaConfig
 from lora_trainer.export.lora_file import to_kohya_tensors
 from lora_trainer.fit.ema import AdapterEMA

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from lora_trainer.adapters.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers
+from lora_trainer.adapters.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, lora_layers
+from lora_trainer.adapters.attach import attach_lora
 from lora_trainer.export.kohya_names import kohya_module_name
 from lora_trainer.model.ldm_names import ldm_module_path
 from lora_trainer.model.sdxl_architecture import CLIP_BIGG, CLIP_L, SDXL_UNET

@@ -107,7 +107,7 @@ def test_the_metadata_names_every_method_as_kohya_does(methods_run):
 def test_a_schedule_free_run_saves_its_averaged_weights(raw_config):
     from safetensors.torch import load_file
 
-    from lora_trainer.adapters.lora import read_lora_weights
+    from lora_trainer.adapters.model_weights import read_lora_weights
     from lora_trainer.export.lora_file import to_kohya_tensors
     from lora_trainer.fit.optim import optimizer_in_eval_mode
 

@@ -11,7 +11,8 @@ import torch
 from conftest import small_raw_config
 from test_blocks import expected_block
 
-from lora_trainer.adapters.lora import attach_lora, lora_layers
+from lora_trainer.adapters.lora import lora_layers
+from lora_trainer.adapters.attach import attach_lora
 from lora_trainer.adapters.wiring import attach_adapters, trainable_parameters
 from lora_trainer.config.load import parse_config
 from lora_trainer.config.network import NetworkConfig

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import train_in_process
 
-from lora_trainer.adapters.lora import UNET_TARGETS, attach_lora, lora_parameters
+from lora_trainer.adapters.lora import UNET_TARGETS, lora_parameters
+from lora_trainer.adapters.attach import attach_lora
 from lora_trainer.config.model import ModelConfig
 from lora_trainer.config.training import TrainingConfig
 from lora_trainer.errors import ConfigError

@@ -48,12 +48,12 @@ def test_fp32_is_never_touched(caplog):
 
 
 def test_to_kohya_tensors_falls_back_to_fp32_on_overflow(monkeypatch, caplog):
-    from lora_trainer.adapters.lora import LoraWeights
+    from lora_trainer.adapters.weights import lora_weights
 
     monkeypatch.setattr("lora_trainer.export.lora_file.kohya_module_name", lambda part, path, model: f"lora_unet_{path}")
     weights = {
-        "small": LoraWeights(down=torch.randn(2, 8), up=torch.randn(8, 2), alpha=0.3),
-        "big": LoraWeights(down=torch.randn(2, 8), up=torch.full((8, 2), 7e4), alpha=2.0),
+        "small": lora_weights(down=torch.randn(2, 8), up=torch.randn(8, 2), alpha=0.3),
+        "big": lora_weights(down=torch.randn(2, 8), up=torch.full((8, 2), 7e4), alpha=2.0),
     }
     with caplog.at_level(logging.WARNING, logger="lora_trainer"):
         tensors = to_kohya_tensors({"unet": (torch.nn.Linear(1, 1), weights)}, torch.float16)
@@ -66,7 +66,7 @@ def test_to_kohya_tensors_falls_back_to_fp32_on_overflow(monkeypatch, caplog):
         "1 of 4 tensors overflow fp16; saving this LoRA in fp32 instead (output.save_dtype: fp16)"
     ]
 
-    weights["big"] = LoraWeights(down=torch.randn(2, 8), up=torch.full((8, 2), 6e4), alpha=2.0)
+    weights["big"] = lora_weights(down=torch.randn(2, 8), up=torch.full((8, 2), 6e4), alpha=2.0)
     tensors = to_kohya_tensors({"unet": (torch.nn.Linear(1, 1), weights)}, torch.float16)
     assert {tensor.dtype for key, tensor in tensors.items() if not key.endswith(".alpha")} == {torch.float16}
     assert all(tensors[key].dtype == torch.float32 for key in tensors if key.endswith(".alpha"))

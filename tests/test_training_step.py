@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_trainer.adapters.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers
+from lora_trainer.adapters.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, lora_layers
+from lora_trainer.adapters.attach import attach_lora
 from lora_trainer.config.model import ModelConfig
 from lora_trainer.fit.objective import draw_noise_and_timesteps
 from lora_trainer.fit.step import training_step

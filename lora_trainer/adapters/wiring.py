@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from lora_trainer.adapters.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, attach_lora, lora_layers, lora_parameters
+from lora_trainer.adapters.attach import attach_network
+from lora_trainer.adapters.lora import lora_layers, lora_parameters
+from lora_trainer.adapters.targets import adapter_targets
 from lora_trainer.config.network import NetworkConfig
 
 
 def attach_adapters(parts: dict[str, torch.nn.Module], network: NetworkConfig) -> dict[str, torch.nn.Module]:
-    """Attach LoRA to the parts (by part name) switched on in the config; return those parts by name."""
+    """Attach adapters of `network.type` to the parts (by part name) switched on in the config; return those
+    parts by name."""
     switched_on = {"unet": network.train_unet, "text_encoder_1": network.train_text_encoder_1, "text_encoder_2": network.train_text_encoder_2}
     trained = {part: parts[part] for part, on in switched_on.items() if on}
     for part, model in trained.items():
-        targets = UNET_TARGETS if part == "unet" else TEXT_ENCODER_TARGETS
-        attach_lora(model, targets, network.rank, network.alpha, network.dropout)
+        attach_network(model, adapter_targets(part, model, network), network)
     if "text_encoder_1" in trained:
         _freeze_last_layer_adapters(trained["text_encoder_1"])
     return trained

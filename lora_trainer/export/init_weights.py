@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer.adapters.lora import ADAPTER_NAME, LoraWeights, lora_layers
+from lora_trainer.adapters.lora import ADAPTER_NAME, lora_layers
+from lora_trainer.adapters.weights import AdapterWeights, layer_weights, load_layer_weights
 from lora_trainer.errors import UserError
 from lora_trainer.export.kohya_names import PART_PREFIXES, kohya_module_name
 from lora_trainer.export.lora_file import read_lora_file
@@ -40,7 +41,7 @@ def load_initial_weights(trained: Mapping[str, torch.nn.Module], path: Path | No
         return
     lora = read_lora_file(path)
     _check_parts_trained(lora.weights, trained, path)
-    plan: list[tuple[torch.nn.Module, LoraWeights, str]] = []
+    plan: list[tuple[torch.nn.Module, AdapterWeights, str]] = []
     missing: list[str] = []
     for part, model in trained.items():
         layers = _adapted_by_kohya_name(part, model)
@@ -54,12 +55,8 @@ def load_initial_weights(trained: Mapping[str, torch.nn.Module], path: Path | No
                 missing.append(name)
                 continue
             plan.append((layer, _checked(path, name, layer, in_file[name]), name))
-    with torch.no_grad():
-        for layer, weights, _ in plan:
-            down = layer.lora_A[ADAPTER_NAME].weight
-            up = layer.lora_B[ADAPTER_NAME].weight
-            down.copy_(weights.down.reshape(down.shape))  # copy_ keeps the parameter's dtype (fp32) and device
-            up.copy_(weights.up.reshape(up.shape))
+    for layer, weights, _ in plan:
+        load_layer_weights(layer, ADAPTER_NAME, weights)  # keeps the parameters' dtype (fp32) and device
     if missing:
         log.warning(
             "%s: %s has no weights for %d adapted modules, e.g. %s; they start fresh",
@@ -68,7 +65,7 @@ def load_initial_weights(trained: Mapping[str, torch.nn.Module], path: Path | No
     log.info("started the adapters from %s: %d modules", path, len(plan))
 
 
-def _check_parts_trained(weights: Mapping[str, LoraWeights], trained: Mapping[str, torch.nn.Module], path: Path) -> None:
+def _check_parts_trained(weights: Mapping[str, AdapterWeights], trained: Mapping[str, torch.nn.Module], path: Path) -> None:
     for part, prefix in PART_PREFIXES.items():
         if part in trained:
             continue
@@ -85,9 +82,7 @@ def _check_parts_trained(weights: Mapping[str, LoraWeights], trained: Mapping[st
 
 def _adapted_by_kohya_name(part: str, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     adapted = {}
-    for module_path, layer in lora_layers(model).items():
-        if ADAPTER_NAME not in layer.lora_A:
-            continue
+    for module_path, layer in lora_layers(model, ADAPTER_NAME).items():
         name = kohya_module_name(part, module_path, model)
         if name is not None:
             adapted[name] = layer
@@ -111,21 +106,45 @@ def _unknown_module_message(path: Path, part: str, model: torch.nn.Module, unkno
     return f"{FIELD}: {path} has module {name} ({len(unknown)} such modules), which this model does not have; is it an SDXL LoRA for this base?"
 
 
-def _checked(path: Path, name: str, layer: torch.nn.Module, weights: LoraWeights) -> LoraWeights:
-    rank = int(layer.r[ADAPTER_NAME])
-    alpha = float(layer.lora_alpha[ADAPTER_NAME])
+def _checked(path: Path, name: str, layer: torch.nn.Module, weights: AdapterWeights) -> AdapterWeights:
+    ours = layer_weights(layer, ADAPTER_NAME)
+    kind, theirs = _type_name(ours), _type_name(weights)
+    if kind != theirs:
+        raise UserError(f"{FIELD}: {path} is a {theirs} at {name}, the config trains {kind}; set network.type to match the file")
+    if ours.kind != "lora":
+        return _checked_layout(path, name, ours, weights)
+    rank = ours.rank
+    alpha = ours.alpha
     if weights.rank != rank:
         raise UserError(f"{FIELD}: {path} has rank {weights.rank} at {name}, the config trains rank {rank}; set network.rank: {weights.rank}")
     if not math.isclose(weights.alpha, alpha, rel_tol=1e-6):
         raise UserError(
             f"{FIELD}: {path} has alpha {weights.alpha:g} at {name}, the config trains alpha {alpha:g}; set network.alpha: {weights.alpha:g}"
         )
-    down = layer.lora_A[ADAPTER_NAME].weight
-    up = layer.lora_B[ADAPTER_NAME].weight
+    down, up = ours.down, ours.up
     if not (_fits(weights.down, down.shape) and _fits(weights.up, up.shape)):
         raise UserError(
             f"{FIELD}: {path} has down {list(weights.down.shape)} / up {list(weights.up.shape)} at {name}, the model needs "
             f"{list(down.shape)} / {list(up.shape)}; is it an SDXL LoRA for this base model?"
+        )
+    return weights
+
+
+def _type_name(weights: AdapterWeights) -> str:
+    return "DoRA" if weights.has_dora else {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[weights.kind]
+
+
+def _checked_layout(path: Path, name: str, ours: AdapterWeights, weights: AdapterWeights) -> AdapterWeights:
+    """A LoHa or LoKr fits when it has the same tensors in the same shapes and the same scale."""
+    shapes = {key: list(tensor.shape) for key, tensor in ours.tensors.items()}
+    theirs = {key: list(tensor.shape) for key, tensor in weights.tensors.items()}
+    if shapes != theirs:
+        raise UserError(
+            f"{FIELD}: {path} has {theirs} at {name}, the config trains {shapes}; set network.rank (and the LoKr settings) as the file was trained"
+        )
+    if not math.isclose(weights.scale, ours.scale, rel_tol=1e-6) and ours.rank is not None:
+        raise UserError(
+            f"{FIELD}: {path} has alpha {weights.alpha:g} at {name}, the config trains alpha {ours.alpha:g}; set network.alpha: {weights.alpha:g}"
         )
     return weights
 

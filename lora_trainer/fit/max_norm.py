@@ -10,6 +10,7 @@ sqrt(max_norm / norm), which scales delta to norm `max_norm` exactly.
 from __future__ import annotations
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 from lora_trainer.adapters.lora import ADAPTER_NAME, lora_layers
 
@@ -41,8 +42,8 @@ def _trainable_pairs(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.T
     """(down, up, scale) of each adapter of `model` that trains; frozen ones (CLIP-L's last layer, blocks of
     weight 0) keep their weights."""
     pairs = []
-    for layer in lora_layers(model).values():
-        if ADAPTER_NAME in layer.lora_A:
+    for layer in lora_layers(model, ADAPTER_NAME).values():
+        if isinstance(layer, LoraLayer):  # LoHa and LoKr are refused with max-norm (config.network)
             down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
             if down.requires_grad or up.requires_grad:
                 pairs.append((down, up, layer.scaling[ADAPTER_NAME]))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer.adapters.lora import read_lora_weights
+from lora_trainer.adapters.model_weights import read_lora_weights
 from lora_trainer.config.load import dump_config
 from lora_trainer.config.output import OutputConfig
 from lora_trainer.errors import UserError
