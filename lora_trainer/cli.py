@@ -199,6 +199,22 @@ def report(
     typer.echo(str(write_report(output_dir, name or find_run_name(output_dir))))
 
 
+@app.command(cls=_Command)
+def resize(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A LoRA, LoCon or DyLoRA .safetensors file.", show_default=False)],
+    rank: Annotated[int, typer.Option("--rank", metavar="N", help="The rank to cut to, below the file's.", show_default=False)],
+    output: Annotated[
+        Path | None, typer.Option("--output", metavar="OUT", help="Where to write; default <stem>-rank<N>.safetensors beside FILE.", show_default=False)
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Cut a LoRA or LoCon (by SVD, the closest rank-N update) or a DyLoRA (its first N ranks) to rank N;
+    modules already at rank N or below are copied unchanged."""
+    from lora_trainer.export.resize import resize_lora_file
+
+    typer.echo(resize_lora_file(file, rank, output, overwrite).summary())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and turns expected failures into one-line messages and exit codes."""
     _quiet_libraries()

@@ -70,8 +70,8 @@ def inject_adapters(
     alpha = Counter(setting.alpha for setting in targets.values()).most_common(1)[0][0]
     common = {
         "target_modules": list(targets),  # full module paths, so each name matches only itself
-        "rank_pattern": {re.escape(path): setting.rank for path, setting in targets.items() if setting.rank != rank},
-        "alpha_pattern": {re.escape(path): setting.alpha for path, setting in targets.items() if setting.alpha != alpha},
+        "rank_pattern": _patterns({path: setting.rank for path, setting in targets.items() if setting.rank != rank}),
+        "alpha_pattern": _patterns({path: setting.alpha for path, setting in targets.items() if setting.alpha != alpha}),
     }
     if kind in ("lora", "dora"):
         # down: Kaiming-uniform, up: zeros, so training starts at the base model
@@ -89,6 +89,16 @@ def inject_adapters(
         # PEFT warns that a second adapter on one model is unusual; stacking LoRAs to sample is exactly that.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         inject_adapter_in_model(config, model, adapter_name=adapter_name)
+
+
+def _patterns(values: Mapping[str, float]) -> dict[str, float]:
+    """One PEFT pattern per distinct value, matching exactly its modules' paths. PEFT tries every pattern on every
+    target, and past Python's 512 cached regexes it recompiles them each time: one pattern per module made
+    SDXL with per-block ranks take minutes to attach."""
+    paths_by_value: dict[float, list[str]] = {}
+    for path, value in values.items():
+        paths_by_value.setdefault(value, []).append(path)
+    return {"(?:" + "|".join(re.escape(path) for path in paths) + ")": value for value, paths in paths_by_value.items()}
 
 
 def _initialise_loha_as_lycoris(model: torch.nn.Module, adapter_name: str) -> None:

@@ -76,6 +76,8 @@ def adapters_disabled(models: Iterable[torch.nn.Module]) -> Iterator[None]:
 
 
 def activate_every_adapter(model: torch.nn.Module) -> None:
-    # PEFT makes the newest adapter the only active one; the ones loaded before it must keep acting too.
+    """Every adapter acts: PEFT makes the newest one the only active one. DoRA adapters run first, on the bare
+    base output, so that the others' updates add to theirs rather than being rescaled by them."""
     for layer in all_lora_layers(model):
-        layer.set_adapter(sorted(layer.r))
+        dora = getattr(layer, "use_dora", {})
+        layer.set_adapter(sorted(layer.r, key=lambda name: (not dora.get(name, False), name)))

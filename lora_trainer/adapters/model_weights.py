@@ -2,9 +2,10 @@
 
 Attached adapters stay live, not merged into the base: several files stack, each under its own adapter name,
 and all of them can be switched off at once for a side-by-side with the base. Stacked files add their updates:
-each PEFT layer adds its own to what the layer it wraps computes. DoRA is the exception, as in every UI: it
-rescales what it wraps, so DoRA files are attached first (`load_loras_into`), under the others; two DoRA files
-on one module stack only approximately, in order.
+each adapter adds its own to what the layer computes before it (LoHa and LoKr layers wrap the layer they are
+attached to; LoRA adapters share one PEFT LoRA layer, which runs them in its active order). DoRA rescales what
+it is given, so DoRA files are attached first (`load_loras_into`) and run first (`activate_every_adapter`):
+the others' updates then add to DoRA's. Two DoRA files on one module stack only approximately, in order.
 """
 
 from __future__ import annotations
@@ -50,18 +51,18 @@ def attach_lora_weights(
 
 def _apply_strength(layer: torch.nn.Module, adapter_name: str, strength: float, dora: bool) -> None:
     if dora:
-        layer.register_forward_hook(DoraStrength(strength))
+        layer.lora_magnitude_vector[adapter_name].register_forward_hook(DoraStrength(strength))
     else:
         layer.scaling[adapter_name] = layer.scaling[adapter_name] * strength
 
 
 class DoraStrength:
-    """Forward hook on a DoRA layer: W + s * (W' - W) as the UIs apply a strength s. DoRA is not linear in its
-    weights, so no weight can be scaled instead; this costs one more pass of the base layer."""
+    """Forward hook on PEFT's DoRA magnitude module, which returns what DoRA adds to the base output,
+    (W' - W) x: times s, that is W + s (W' - W), the UIs' strength s. DoRA is not linear in its weights, so
+    no weight can be scaled instead."""
 
     def __init__(self, strength: float) -> None:
         self.strength = strength
 
-    def __call__(self, layer: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        base = layer.base_layer(*inputs)
-        return base + self.strength * (output - base)
+    def __call__(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output * self.strength

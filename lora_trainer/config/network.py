@@ -153,12 +153,12 @@ class NetworkConfig(Section):
             return None
         if len(value) != blocks.BLOCK_COUNT:
             raise ValueError(
-                f"{info.field_name}: needs {blocks.BLOCK_COUNT} values, one per SDXL UNet block as kohya counts them (BASE, "
+                f"needs {blocks.BLOCK_COUNT} values, one per SDXL UNet block as kohya counts them (BASE, "
                 f"input_blocks 0-8, middle_block 0-2, output_blocks 0-8, out), got {len(value)}"
             )
         dims = info.field_name.endswith("dims")
         if any(item < 0 if dims else item <= 0 for item in value):
-            raise ValueError(f"{info.field_name}: every value must be {'0 or more (0: no adapter)' if dims else 'above 0'}, got {value}")
+            raise ValueError(f"every value must be {'0 or more (0: no adapter)' if dims else 'above 0'}, got {value}")
         return value
 
     @model_validator(mode="after")

@@ -52,10 +52,9 @@ def lora_metadata(
     records = [image.record for image in images]
     return {
         "ss_base_model_version": "sdxl_base_v1-0",
-        "ss_network_module": "networks.lora",
+        **network_module_metadata(network),
         "ss_network_dim": str(network.rank),
         "ss_network_alpha": str(float(network.alpha)),
-        "ss_network_args": json.dumps(kohya_network_args(network)),
         "ss_network_dropout": str(network.dropout),
         "ss_v2": "False",
         "ss_output_name": config.output.name,
@@ -180,10 +179,29 @@ def timestep_settings(objective: ObjectiveConfig) -> dict[str, object]:
     return settings
 
 
+# The trainer that reads each type back, as `ss_network_module` names it: kohya sd-scripts' own modules for
+# LoRA, LoCon and DyLoRA, LyCORIS' kohya entry point (lycoris/kohya.py) for the rest.
+NETWORK_MODULES = {
+    "lora": "networks.lora", "locon": "networks.lora", "dylora": "networks.dylora",
+    "dora": "lycoris.kohya", "loha": "lycoris.kohya", "lokr": "lycoris.kohya",
+}
+
+
+def network_module_metadata(network: NetworkConfig) -> dict[str, str]:
+    """`ss_network_module` and `ss_network_args` as kohya and LyCORIS write them for `network.type` (A1111 and
+    civitai read the type from these), plus `lora_train_network_type` for our own reader."""
+    return {
+        "ss_network_module": NETWORK_MODULES[network.type],
+        "ss_network_args": json.dumps(kohya_network_args(network)),
+        "lora_train_network_type": network.type,
+    }
+
+
 def kohya_network_args(network: NetworkConfig) -> dict[str, str]:
-    """The block weights and LoRA+ ratios set, as kohya writes them into `ss_network_args` (its `--network_args`
-    `key=value` strings, so a list is comma-separated); merge into that JSON mapping."""
-    args = {}
+    """The type's settings (`network_type_args`), block weights and LoRA+ ratios set, as kohya writes them into
+    `ss_network_args` (its `--network_args` `key=value` strings, so a list is comma-separated); merge into that
+    JSON mapping."""
+    args = network_type_args(network)
     for field in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"):
         value = getattr(network, field)
         if value is not None:
@@ -192,6 +210,50 @@ def kohya_network_args(network: NetworkConfig) -> dict[str, str]:
         value = getattr(network, field)
         if value is not None:
             args[field] = str(value)
+    return args
+
+
+def network_type_args(network: NetworkConfig) -> dict[str, str]:
+    """The `--network_args` that make kohya's or LyCORIS' trainer build this network, under their names: kohya
+    sd-scripts networks/lora.py and networks/dylora.py `create_network` (`conv_dim`, `conv_alpha`, the per-block
+    lists, `rank_dropout`, `module_dropout`, `unit`), LyCORIS lycoris/kohya.py `create_network` (`algo`,
+    `dora_wd`, `wd_on_output`, `factor`, `decompose_both`, `full_matrix`, `dropout`, `preset`). Empty for plain
+    LoRA with no per-block rank or dropout, as kohya writes it."""
+    args = {}
+    if network.type in ("dora", "loha", "lokr"):
+        args.update(_lycoris_args(network))
+    if network.type == "dylora":
+        args["unit"] = str(network.dylora_unit)
+    if network.adapts_convolutions:
+        # kohya's conv_alpha defaults to 1, not to alpha, so it is always written with conv_dim
+        args.update(conv_dim=str(network.effective_conv_rank), conv_alpha=str(float(network.effective_conv_alpha)))
+    for field in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
+        value = getattr(network, field)
+        if value is not None:
+            args[field] = ",".join(str(item) for item in value)
+    for field in ("rank_dropout", "module_dropout"):
+        if getattr(network, field):
+            args[field] = str(getattr(network, field))
+    return args
+
+
+def _lycoris_args(network: NetworkConfig) -> dict[str, str]:
+    """LyCORIS' `algo` and its settings; LyCORIS adapts every convolution unless told `preset=attn-mlp`, so a
+    network without convolutions says so."""
+    args = {"algo": network.type if network.type != "dora" else ("locon" if network.adapts_convolutions else "lora")}
+    if not network.adapts_convolutions:
+        args["preset"] = "attn-mlp"
+    if network.type == "dora":
+        args.update(dora_wd="True", wd_on_output="True")  # DoRA's magnitude: one per output row
+    if network.type == "lokr":
+        args["factor"] = str(network.lokr_factor)
+        # LyCORIS reads decompose_both as given, so the string "False" would switch it on: written only when true
+        if network.lokr_decompose_both:
+            args["decompose_both"] = "True"
+        if network.lokr_full_matrix:
+            args["full_matrix"] = "True"
+    if network.dropout:
+        args["dropout"] = str(network.dropout)
     return args
 
 
