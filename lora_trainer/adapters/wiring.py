@@ -22,6 +22,18 @@ def attach_adapters(parts: dict[str, torch.nn.Module], network: NetworkConfig) -
     return trained
 
 
+def describe_adapters(trained: dict[str, torch.nn.Module], network: NetworkConfig) -> str:
+    """One line for the log: the type, its size, and how many modules and parameters each part adapts."""
+    size = f"rank {network.rank}, alpha {network.alpha:g}"
+    if network.adapts_convolutions:
+        size += f"; convolutions rank {network.effective_conv_rank}, alpha {network.effective_conv_alpha:g}"
+    parts = ", ".join(
+        f"{part} {len(lora_layers(model))} modules ({sum(p.numel() for p in trainable_parameters(model)):,} parameters)"
+        for part, model in trained.items()
+    )
+    return f"adapters: {network.type} ({size}): {parts}"
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [parameter for parameter in lora_parameters(model) if parameter.requires_grad]
 

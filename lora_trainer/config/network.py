@@ -36,7 +36,8 @@ class NetworkConfig(Section):
     it is set, and plain `lora` refuses it (use `locon`)."""
 
     conv_alpha: float | None = Field(None, gt=0)
-    """Alpha of the 3x3-convolution adapters (kohya's `conv_alpha`); default: `alpha`."""
+    """Alpha of the 3x3-convolution adapters (kohya's `conv_alpha`); default: `alpha`, as LyCORIS defaults it
+    (kohya's `networks.lora` defaults it to 1: set it to match a kohya LoCon)."""
 
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on each adapter's input during training (PEFT's `lora_dropout`; kohya's `network_dropout` acts

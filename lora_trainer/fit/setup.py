@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lora_trainer.export.init_weights import load_initial_weights
-from lora_trainer.adapters.wiring import attach_adapters
+from lora_trainer.adapters.wiring import attach_adapters, describe_adapters
 from lora_trainer.cache.fill import FilledCaches, fill_caches
 from lora_trainer.cache.text import cached_caption_encoder
 from lora_trainer.config.schema import Config
@@ -61,6 +61,8 @@ def setup(config: Config, resume: str | None = None) -> Run:
     if config.network.init_weights is not None and saved is None:
         load_initial_weights(trained, config.network.init_weights)
     freeze_unweighted_blocks(trained, config.network)  # before DDP wraps them: it must see only what trains
+    if accelerator.is_main_process:
+        log.info(describe_adapters(trained, config.network))
     if config.training.gradient_checkpointing:
         enable_gradient_checkpointing(models)
     optimizer = make_optimizer(parameter_groups(trained, config), config.training)
