@@ -156,3 +156,16 @@ def test_a_training_run_starts_from_the_file(small_lora_file, tmp_path):
     assert start.keys() == end.keys()
     for key in start:
         torch.testing.assert_close(end[key], start[key], rtol=0, atol=1e-6)
+
+
+def test_a_locon_file_for_a_plain_lora_run_says_to_train_locon(tmp_path):
+    from lora_trainer.adapters.wiring import attach_adapters
+    from lora_trainer.config.model import ModelConfig
+    from lora_trainer.config.network import NetworkConfig
+    from lora_trainer.export.init_weights import _unknown_module_message
+    from lora_trainer.model.parts import load_sdxl
+
+    unet = load_sdxl(ModelConfig(pretrained="builtin:tiny-sdxl")).unet
+    attach_adapters({"unet": unet}, NetworkConfig(train_text_encoder_1=False, train_text_encoder_2=False))
+    message = _unknown_module_message(tmp_path / "x.safetensors", "unet", unet, ["lora_unet_input_blocks_1_0_in_layers_2"])
+    assert "which this run does not adapt" in message and "network.type: locon" in message

@@ -100,8 +100,8 @@ def _unknown_module_message(path: Path, part: str, model: torch.nn.Module, unkno
     name = unknown[0]
     if name in existing:
         return (
-            f"{FIELD}: {path} has weights for {name} ({len(unknown)} such modules), which this trainer does not adapt "
-            f"(it trains the attention and MLP linear layers kohya targets by default); give a LoRA trained on those"
+            f"{FIELD}: {path} has weights for {name} ({len(unknown)} such modules), which this run does not adapt; "
+            f"a file with convolutions (LoCon) needs network.type: locon or network.conv_rank, and per-block ranks the same block_dims"
         )
     return f"{FIELD}: {path} has module {name} ({len(unknown)} such modules), which this model does not have; is it an SDXL LoRA for this base?"
 
