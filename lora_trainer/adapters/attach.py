@@ -49,6 +49,11 @@ def attach_network(
         _initialise_loha_as_lycoris(model, adapter_name)
     if network.type == "lokr" and network.lokr_full_matrix:
         _make_lokr_factors_full(model, adapter_name)
+    make_trainable(model, adapter_name)
+
+
+def make_trainable(model: torch.nn.Module, adapter_name: str = ADAPTER_NAME) -> None:
+    """The adapter's parameters in fp32 (updates are not lost to a fp16/bf16 base's rounding) and trainable."""
     for parameter in lora_parameters(model, adapter_name):
         parameter.data = parameter.data.float()
         parameter.requires_grad_(True)
@@ -147,6 +152,4 @@ def attach_lora(
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and any(path == suffix or path.endswith(f".{suffix}") for suffix in suffixes)
     }
     inject_adapters(model, "lora", targets, adapter_name, dropout=dropout)
-    for parameter in lora_parameters(model, adapter_name):
-        parameter.data = parameter.data.float()
-        parameter.requires_grad_(True)
+    make_trainable(model, adapter_name)

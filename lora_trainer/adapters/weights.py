@@ -22,6 +22,8 @@ from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from lora_trainer.adapters.lora import layer_parameters
+
 LORA_KEYS = ("lora_down.weight", "lora_up.weight")
 DORA_KEY = "dora_scale"
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -149,7 +151,7 @@ def _lokr_layer_weights(layer: LoKrLayer, adapter_name: str) -> AdapterWeights:
 def _load_lokr_layer(layer: LoKrLayer, adapter_name: str, weights: AdapterWeights) -> None:
     """PEFT's LoKr layer computes with whichever of its factor parameters exist, so the file's layout (which
     factors are full, which are products) is rebuilt as it is rather than derived from a rank and a factor."""
-    reference = next(iter(_lokr_parameters(layer, adapter_name).values()))
+    reference = next(iter(layer_parameters(layer, adapter_name).values()))
     base = layer.get_base_layer().weight
     if lokr_product_shape(weights.tensors) != (base.shape[0], base[0].numel()):
         raise ValueError(f"the Kronecker factors make a {list(lokr_product_shape(weights.tensors))} update, the layer is {list(base.shape)}")
@@ -171,10 +173,6 @@ def lokr_product_shape(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
     else:
         w2 = (tensors["lokr_w2_a"].shape[0], tensors["lokr_w2_b"].shape[1])
     return w1[0] * w2[0], w1[1] * w2[1]
-
-
-def _lokr_parameters(layer: LoKrLayer, adapter_name: str) -> dict[str, torch.nn.Parameter]:
-    return {key: getattr(layer, key)[adapter_name] for key in LOKR_KEYS if adapter_name in getattr(layer, key)}
 
 
 def _copy(parameter: torch.Tensor, tensor: torch.Tensor, key: str) -> None:
