@@ -146,6 +146,35 @@ def cache_latents(config: ConfigPath, overrides: Overrides = None) -> None:
         typer.echo(line)
 
 
+GpuMemory = Annotated[
+    float | None,
+    typer.Option(
+        "--gpu-memory", metavar="GIB", min=0.1,
+        help="The GPU's memory in GiB: warn, naming what to change, when the estimated peak is over it (the exit code stays 0).",
+        show_default=False,
+    ),
+]
+Processes = Annotated[
+    int, typer.Option("--processes", metavar="N", min=1, help="Plan for N processes (GPUs), as accelerate launch would run it.")
+]
+
+
+@app.command(cls=_Command)
+def plan(config: ConfigPath, overrides: Overrides = None, gpu_memory: GpuMemory = None, processes: Processes = 1) -> None:
+    """Show what `train` would do, before any model weight loads: every image's bucket (kept, upscaled or dropped and
+    why), batches and steps, the learning rates, the files it writes, and an estimate of its peak GPU memory.
+    It is a plan: it exits 0 whatever the estimate; only a bad config or dataset is an error."""
+    from lora_trainer.config.load import load_config
+
+    settings = load_config(config, overrides)
+    check_output_locations(settings)
+    check_masks(settings, config)
+    from lora_trainer.fit.plan_command import plan_blocks
+
+    for index, block in enumerate(plan_blocks(settings, gpu_memory, processes)):
+        typer.echo(("\n" if index else "") + block)
+
+
 def sample(**given: Any) -> None:
     """Draw images with a base model plus LoRAs; each PNG carries its parameters as A1111 writes them."""
     from lora_trainer.config.sample_command import sample_request

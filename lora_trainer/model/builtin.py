@@ -94,7 +94,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
     vocab_size = CLIP_L["vocab_size"]
     assert len(tokenizer_1) == len(tokenizer_2) == vocab_size, "pretrained/sdxl-base's tokenizers are not CLIP's"
     pipeline = StableDiffusionXLPipeline(
-        vae=_tiny_vae(),
+        vae=tiny_vae(),
         text_encoder=tiny_text_encoder(
             TEXT_ENCODER_1_WIDTH, CLIP_L["hidden_act"], projection=False, vocab_size=vocab_size, **sdxl_token_ids("text_encoder")
         ),
@@ -103,7 +103,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
         ),
         tokenizer=tokenizer_1,
         tokenizer_2=tokenizer_2,
-        unet=_tiny_unet(),
+        unet=tiny_unet(),
         scheduler=sdxl_scheduler(),
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
@@ -169,7 +169,7 @@ def tiny_text_encoder(
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
-def _tiny_unet():
+def tiny_unet():
     from diffusers import UNet2DConditionModel
 
     # SDXL's block layout as it is; only the widths and the number of transformer blocks shrink.
@@ -188,7 +188,7 @@ def _tiny_unet():
     )
 
 
-def _tiny_vae():
+def tiny_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
