@@ -115,17 +115,17 @@ def test_a_run_saves_validates_and_resumes_with_the_average(raw_config, monkeypa
     raw_config["validation"] = {"fraction": 0.2, "timesteps": [500]}
     raw_config["output"]["save_state_every_n_steps"] = 2
     live_after_step, held_while_validating = [], []
-    real_report, real_validation = loop._report, evaluate.Evaluator._measure_validation
+    real_finish, real_validation = loop._finish_step, evaluate.Evaluator._measure_validation
 
-    def record_live_weights(run, *args):
+    def record_live_weights(run, *args):  # right after each optimizer step
         live_after_step.append(lora_values({part: run.accelerator.unwrap_model(model) for part, model in run.trained.items()}))
-        real_report(run, *args)
+        real_finish(run, *args)
 
     def record_validated_weights(evaluator, *args):
         held_while_validating.append(lora_values({part: evaluator.accelerator.unwrap_model(model) for part, model in evaluator.trained.items()}))
         real_validation(evaluator, *args)
 
-    monkeypatch.setattr(loop, "_report", record_live_weights)
+    monkeypatch.setattr(loop, "_finish_step", record_live_weights)
     monkeypatch.setattr(evaluate.Evaluator, "_measure_validation", record_validated_weights)
     run, path = train_in_process(raw_config)
 

@@ -209,7 +209,7 @@ def test_nan_latents_without_the_cache_name_the_image_of_the_batch(dataset_copy,
     batch = {"pixels": torch.zeros(2, 3, 64, 64), "image_paths": ["first.png", "second.png"]}
     batch["latents"] = loop._latents_of(batch, vae)
     with pytest.raises(UserError, match=r"^second\.png: the VAE produced NaN/inf latents"):
-        loop._check_latents(batch)
+        loop._check_latents([(batch["image_paths"], torch.isfinite(batch["latents"]).flatten(1).all(dim=1))])
 
     raw = {**raw_config, "datasets": [{"path": str(dataset_copy)}], "data": {**raw_config["data"], "cache_latents": False}}
     with pytest.raises(UserError, match="the VAE produced NaN/inf latents") as error:

@@ -61,9 +61,9 @@ def test_a_run_stopped_by_an_exception_resumes_bit_for_bit(uninterrupted, tmp_pa
     raw = resumable_raw(tmp_path)
     real_report = loop._report
 
-    def crash_at_step_5(run, *args):
-        real_report(run, *args)
-        if run.step == 5:
+    def crash_at_step_5(run, bar, step, loss):  # reported at the next reading, before step 6's state is saved
+        real_report(run, bar, step, loss)
+        if step.step == 5:
             raise RuntimeError("power cut")
 
     monkeypatch.setattr(loop, "_report", crash_at_step_5)

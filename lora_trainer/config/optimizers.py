@@ -47,7 +47,9 @@ _ADAM = ("betas", "eps", "weight_decay")
 _DECAY_ONLY = ("weight_decay",)
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec("torch.optim.AdamW", {"amsgrad": bool, "fused": bool}, _ADAM),
+    # torch's fused kernels: one launch for every adapter, and the update guard (fit.update_guard) skips a step inside
+    # them without reading anything back.
+    "adamw": OptimizerSpec("torch.optim.AdamW", {"amsgrad": bool, "fused": bool}, _ADAM, preset={"fused": True}),
     "adamw8bit": OptimizerSpec("bitsandbytes.optim.AdamW8bit", {"min_8bit_size": int}, _ADAM, eight_bit=True),
     # On the CPU bitsandbytes runs it unpaged, as adamw8bit (it warns once): paging moves states to CPU RAM, which
     # only means something on a GPU.
@@ -81,7 +83,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "schedulefree.AdamWScheduleFree", {"warmup_steps": int, "r": float, "weight_lr_power": float}, _ADAM
     ),
     # kohya's SGDNesterov: momentum 0.9 unless set; torch refuses Nesterov with dampening, so that is not offered.
-    "sgdnesterov": OptimizerSpec("torch.optim.SGD", {"momentum": float}, _DECAY_ONLY, preset={"nesterov": True, "momentum": 0.9}),
+    "sgdnesterov": OptimizerSpec(
+        "torch.optim.SGD", {"momentum": float, "fused": bool}, _DECAY_ONLY, preset={"nesterov": True, "momentum": 0.9, "fused": True}
+    ),
 }
 
 SCHEDULE_FREE = ("adamwschedulefree",)

@@ -45,6 +45,12 @@ class OutputConfig(Section):
     """What a state save that fails (disk full, folder not writable) does: `warn` says so in one line and trains
     on, the previous states kept; `stop` ends the run."""
 
+    log_every_n_steps: int = Field(10, gt=0)
+    """How often the losses are read from the GPU: every step's loss is still logged (TensorBoard, the history and
+    report, the progress bar), but only every this many steps, and before each save, sample or evaluation. Reading
+    makes the CPU wait for the GPU, so reading every step (1) slows training; a non-finite loss still stops the run
+    with the LoRA of the last good step, as no update is applied after one."""
+
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     """Precision of the saved LoRA weights; fp16 halves the file and is what UIs expect."""
 

@@ -50,10 +50,14 @@ class Evaluator:
             self.history.save(history_path(self.config.output.dir, self.config.output.name))
         self.accelerator.wait_for_everyone()
 
+    def draws_after_step(self, step: int) -> bool:
+        """Whether `after_step(step)` draws samples (decided alike on every process)."""
+        every = self.config.sample.every_n_steps
+        return bool(self.config.sample.enabled and every and step % every == 0)
+
     def after_step(self, epoch: int, step: int) -> None:
         """The in-between rounds of `sample.every_n_steps`: saved and logged, not part of the epoch grid."""
-        every = self.config.sample.every_n_steps
-        if self.drawer is None or not every or step % every:
+        if not self.draws_after_step(step):
             return
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:

@@ -11,11 +11,13 @@ import torch
 from lora_trainer.adapters.wiring import trainable_parameters
 from lora_trainer.fit.max_norm import apply_max_norm
 from lora_trainer.fit.optim import optimizer_train_mode
+from lora_trainer.fit.pending_losses import PendingLosses, PendingStep
 from lora_trainer.fit.run import Run
 from lora_trainer.fit.save import prune_saves, save_lora, save_state
 from lora_trainer.fit.state import Position
 from lora_trainer.fit.step import training_step
 from lora_trainer.fit.stopping import SIGNAL_NAMES, StopSignals, TrainingStopped, shared_stop_request
+from lora_trainer.fit.update_guard import UpdateGuard
 from lora_trainer.model.vae import non_finite_latents, scale_latents
 from lora_trainer.progress import progress_bar
 
@@ -30,6 +32,8 @@ def fit(run: Run, stop: StopSignals | None = None) -> None:
     accelerator = run.accelerator
     stop = stop or StopSignals()
     trainable = [parameter for model in run.trained.values() for parameter in trainable_parameters(model)]
+    guard = UpdateGuard(run.optimizer, accelerator.device, accelerator.scaler is not None, accelerator.num_processes)
+    pending = PendingLosses(accelerator)
     optimizer_train_mode(run.optimizer)  # a schedule-free optimizer must be in training mode for every step
     if run.step == 0:
         run.evaluator.after_epoch(0, run.step, last=False)  # the baseline: before any step
@@ -40,54 +44,70 @@ def fit(run: Run, stop: StopSignals | None = None) -> None:
                 model.train()  # adapter dropout is active only in training mode
             run.dataloader.set_epoch(epoch)
             batches_done = run.resume_batches if epoch == run.start_epoch else 0
-            losses: list[float] = []
+            losses: list[torch.Tensor] = []
+            latent_checks: list[tuple[list[str], torch.Tensor]] = []
             for batch in run.dataloader:
                 batches_done += 1
                 with accelerator.accumulate(*run.trained.values()):
-                    losses.append(_train_on(run, batch, epoch, trainable))
+                    losses.append(_train_on(run, batch, trainable, guard, latent_checks))
                 if accelerator.sync_gradients:
-                    _finish_step(run, bar, epoch, sum(losses) / len(losses))
-                    losses.clear()
-                    _after_step(run, stop, Position(run.step, epoch, batches_done))
+                    _finish_step(run, bar, pending, PendingStep(run.step + 1, epoch, torch.stack(losses).mean(), [], {}, latent_checks))
+                    losses, latent_checks = [], []
+                    _after_step(run, bar, stop, Position(run.step, epoch, batches_done), pending)
                     if run.step >= run.total_steps:
                         break
+            _report_pending(run, bar, pending)  # an epoch cut short by a resume position may end between readings
             last = run.step >= run.total_steps or epoch == run.epochs
             _after_epoch(run, stop, epoch, last)
             if last:
                 break
 
 
-def _train_on(run: Run, batch: dict[str, Any], epoch: int, trainable: list[torch.nn.Parameter]) -> float:
-    """Forward, backward and (when the accumulation is complete) the optimizer step of one batch; its loss."""
+def _train_on(
+    run: Run, batch: dict[str, Any], trainable: list[torch.nn.Parameter], guard: UpdateGuard,
+    latent_checks: list[tuple[list[str], torch.Tensor]],
+) -> torch.Tensor:
+    """Forward, backward and (when the accumulation is complete) the optimizer step of one batch; its loss, on the
+    device: nothing here waits for the GPU."""
     accelerator, config = run.accelerator, run.config
     latents = batch["latents"] = _latents_of(batch, run.vae)
+    if "image_paths" in batch:  # encoded by the VAE just now, not checked by a cache
+        latent_checks.append((batch["image_paths"], torch.isfinite(latents).flatten(1).all(dim=1)))
     draw = run.draw_noise(latents, batch["noise_seeds"])
     with accelerator.autocast():
         loss = training_step(
             run.unet, run.encode_captions, run.noise_scheduler, batch, draw.noise, draw.timesteps,
             objective=config.objective, input_noise=draw.input_noise,
         )
-    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-    if not math.isfinite(loss_value):
-        _check_latents(batch)
-        raise NonFiniteLoss(run.step, epoch, loss_value)
-    accelerator.backward(loss)
+    guard.observe(loss)
+    accelerator.backward(guard.loss_for_backward(loss))
     if accelerator.sync_gradients and config.training.max_grad_norm > 0:
         accelerator.clip_grad_norm_(trainable, config.training.max_grad_norm)
-    run.optimizer.step()
+    guard.step(run.optimizer, accelerator.sync_gradients)
     run.optimizer.zero_grad(set_to_none=True)
-    return loss_value
+    return loss.detach()
 
 
-def _after_step(run: Run, stop: StopSignals, position: Position) -> None:
+def _after_step(run: Run, bar: Any, stop: StopSignals, position: Position, pending: PendingLosses) -> None:
     output = run.config.output
-    run.evaluator.after_step(position.epoch, run.step)
     ends_epoch = position.batches_done == run.batches_per_epoch or run.step >= run.total_steps
-    if not ends_epoch:  # at an epoch's end these wait for the epoch's own saves and evaluations
-        _save_step_lora_if_due(run, position.epoch)
-        if output.save_state_every_n_steps and run.step % output.save_state_every_n_steps == 0:
-            save_state(run, position)
-    _stop_if_asked(run, stop, position)
+    # at an epoch's end these wait for the epoch's own saves and evaluations
+    saves_lora = not ends_epoch and _step_lora_due(run)
+    saves_state = not ends_epoch and bool(output.save_state_every_n_steps) and run.step % output.save_state_every_n_steps == 0
+    # Decided alike on every process, as the read is collective; a single process also reads for a stop request.
+    reads = (
+        run.step % output.log_every_n_steps == 0 or ends_epoch or saves_lora or saves_state
+        or run.evaluator.draws_after_step(run.step) or (run.accelerator.num_processes == 1 and stop.received is not None)
+    )
+    if reads:
+        _report_pending(run, bar, pending)  # nothing is saved or drawn from weights a non-finite loss came after
+    run.evaluator.after_step(position.epoch, run.step)
+    if saves_lora:
+        _save_step_lora(run, position.epoch)
+    if saves_state:
+        save_state(run, position)
+    if reads:
+        _stop_if_asked(run, stop, position)
 
 
 def _after_epoch(run: Run, stop: StopSignals, epoch: int, last: bool) -> None:
@@ -96,8 +116,8 @@ def _after_epoch(run: Run, stop: StopSignals, epoch: int, last: bool) -> None:
     if every and epoch % every == 0 and not last:
         save_lora(run, f"{output.name}-{epoch:06d}", epoch)
         prune_saves(output, "epoch")
-    if not last:  # the final file stands for the last step
-        _save_step_lora_if_due(run, epoch)
+    if not last and _step_lora_due(run):  # the final file stands for the last step
+        _save_step_lora(run, epoch)
     run.evaluator.after_epoch(epoch, run.step, last)
     position = Position(run.step, epoch + 1, 0)
     state_steps_due = output.save_state_every_n_steps and run.step % output.save_state_every_n_steps == 0
@@ -108,11 +128,15 @@ def _after_epoch(run: Run, stop: StopSignals, epoch: int, last: bool) -> None:
         _stop_if_asked(run, stop, position)
 
 
-def _save_step_lora_if_due(run: Run, epoch: int) -> None:
+def _step_lora_due(run: Run) -> bool:
+    every = run.config.output.save_every_n_steps
+    return bool(every) and run.step % every == 0
+
+
+def _save_step_lora(run: Run, epoch: int) -> None:
     output = run.config.output
-    if output.save_every_n_steps and run.step % output.save_every_n_steps == 0:
-        save_lora(run, f"{output.name}-step{run.step:06d}", epoch)
-        prune_saves(output, "step")
+    save_lora(run, f"{output.name}-step{run.step:06d}", epoch)
+    prune_saves(output, "step")
 
 
 def _stop_if_asked(run: Run, stop: StopSignals, position: Position) -> None:
@@ -138,19 +162,18 @@ def _latents_of(batch: dict[str, Any], vae: torch.nn.Module | None) -> torch.Ten
     return scale_latents(vae, vae.encode(batch["pixels"].to(vae.device, torch.float32)).latent_dist.sample())
 
 
-def _check_latents(batch: dict[str, Any]) -> None:
-    """Name the image whose latents are NaN/inf, when the VAE encoded this batch (no latent cache; the cache
-    refuses such an image when it encodes it). Called only once the loss is not finite, which NaN latents
-    always make it, so the step itself checks nothing extra."""
-    if "image_paths" not in batch:
-        return
-    finite = torch.isfinite(batch["latents"]).flatten(1).all(dim=1)
-    if not finite.all():
-        raise non_finite_latents(batch["image_paths"][int((~finite).nonzero()[0])])
+def _check_latents(latent_checks: list[tuple[list[str], torch.Tensor]]) -> None:
+    """Name the image whose latents are NaN/inf, when the VAE encoded the step's batches (no latent cache; the
+    cache refuses such an image when it encodes it). Called only once the loss is not finite, which NaN latents
+    always make it, so the step itself reads nothing back."""
+    for paths, finite in latent_checks:
+        if not finite.all():
+            raise non_finite_latents(paths[int((~finite).nonzero()[0])])
 
 
-def _finish_step(run: Run, bar: Any, epoch: int, loss: float) -> None:
-    """After the optimizer stepped: the schedule, the step count, max-norm, the EMA, and the step's report."""
+def _finish_step(run: Run, bar: Any, pending: PendingLosses, step: PendingStep) -> None:
+    """After the optimizer stepped: the schedule, the step count, max-norm, the EMA; the step's report waits for
+    the next reading of the losses."""
     # The rates this step trained at, read before the schedule moves on (Adafactor's own are known only after).
     rates = [group["lr"] for group in run.optimizer.param_groups]
     if not run.accelerator.optimizer_step_was_skipped:
@@ -158,23 +181,34 @@ def _finish_step(run: Run, bar: Any, epoch: int, loss: float) -> None:
     if None in rates:
         rates = run.lr_scheduler.get_last_lr()
     run.step += 1
-    scalars: dict[str, float] = {}
+    step.learning_rates = rates
     max_norm = run.config.network.scale_weight_norms
     if max_norm:
         unwrapped = {part: run.accelerator.unwrap_model(model) for part, model in run.trained.items()}
         scaled, mean_norm, largest_norm = apply_max_norm(unwrapped, max_norm)
         # kohya's TensorBoard names, so its users' dashboards read the same.
-        scalars.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": largest_norm})
+        step.scalars.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": largest_norm})
     if run.ema is not None:
         run.ema.update(run.step)
-    _report(run, bar, epoch, loss, rates, scalars)
-
-
-def _report(run: Run, bar: Any, epoch: int, loss: float, learning_rates: list[float], extra: dict[str, float]) -> None:
-    run.history.train_losses.append(loss)
-    scalars = {"loss": loss, "epoch": epoch, **extra}
-    for group, learning_rate in zip(run.optimizer.param_groups, learning_rates):
-        scalars[f"lr/{group['name']}"] = learning_rate
-    run.accelerator.log(scalars, step=run.step)
-    bar.set_postfix(epoch=f"{epoch}/{run.epochs}", loss=f"{loss:.4f}", lr=f"{learning_rates[0]:.2e}", refresh=False)
+    pending.add(step)
     bar.update(1)
+
+
+def _report_pending(run: Run, bar: Any, pending: PendingLosses) -> None:
+    """Report every step whose loss was not read yet; at a non-finite one, stop with the step before it as the
+    last good one (the update guard kept the weights there)."""
+    for step, loss in pending.read():
+        if not math.isfinite(loss):
+            run.step = step.step - 1
+            _check_latents(step.latent_checks)
+            raise NonFiniteLoss(run.step, step.epoch, loss)
+        _report(run, bar, step, loss)
+
+
+def _report(run: Run, bar: Any, step: PendingStep, loss: float) -> None:
+    run.history.train_losses.append(loss)
+    scalars = {"loss": loss, "epoch": step.epoch, **step.scalars}
+    for group, learning_rate in zip(run.optimizer.param_groups, step.learning_rates):
+        scalars[f"lr/{group['name']}"] = learning_rate
+    run.accelerator.log(scalars, step=step.step)
+    bar.set_postfix(epoch=f"{step.epoch}/{run.epochs}", loss=f"{loss:.4f}", lr=f"{step.learning_rates[0]:.2e}", refresh=False)

@@ -44,6 +44,9 @@ class NoiseDraw:
     timesteps: torch.Tensor
     """One integer timestep per image, int64."""
 
+    timesteps_on_cpu: torch.Tensor
+    """`timesteps` where they were drawn, to be read without waiting for the device."""
+
 
 def draw_training_noise(
     latents: torch.Tensor, seeds: Sequence[int], objective: ObjectiveConfig, num_train_timesteps: int
@@ -54,11 +57,15 @@ def draw_training_noise(
     Each image's generator draws, in this order: the Gaussian noise, the timestep, then what the objective turns
     on: the offset (`fit.noise.offset_noise`), the multi-resolution noise (`pyramid_noise`, normalising the
     offset noise too, as kohya applies the two), the input perturbation (`perturbed_input_noise`). The first two
-    thus stay what they were without the extras, and with none of them the draw is SDXL's plain one."""
+    thus stay what they were without the extras, and with none of them the draw is SDXL's plain one.
+
+    Everything is drawn on the CPU and then moved to the latents' device (without waiting for the copy): the
+    numbers are the same on every kind of device, and counting the timesteps (`Run.draw_noise`) never waits for
+    a GPU. The tensors returned are on the latents' device; `NoiseDraw.timesteps_on_cpu` keeps the CPU copy."""
     noises, input_noises, timesteps = [], [], []
     for seed in seeds:
-        generator = torch.Generator(device=latents.device).manual_seed(seed)
-        noise = torch.randn(latents.shape[1:], generator=generator, device=latents.device, dtype=latents.dtype)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(latents.shape[1:], generator=generator, dtype=latents.dtype)
         timesteps.append(draw_timesteps(objective, num_train_timesteps, generator))
         if objective.noise_offset > 0:
             strength = uniform_strength(objective.noise_offset, objective.noise_offset_random_strength, generator)
@@ -69,8 +76,16 @@ def draw_training_noise(
         if objective.ip_noise_gamma > 0:
             gamma = uniform_strength(objective.ip_noise_gamma, objective.ip_noise_gamma_random_strength, generator)
             input_noises.append(perturbed_input_noise(noise, gamma, generator))
-    noise = torch.stack(noises)
-    return NoiseDraw(noise, torch.stack(input_noises) if input_noises else noise, torch.cat(timesteps))
+    noise = _to_device(torch.stack(noises), latents.device)
+    drawn_timesteps = torch.cat(timesteps)
+    input_noise = _to_device(torch.stack(input_noises), latents.device) if input_noises else noise
+    return NoiseDraw(noise, input_noise, _to_device(drawn_timesteps, latents.device), drawn_timesteps)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)  # from pinned memory the copy runs alongside the GPU
 
 
 def seeded_noise_and_timesteps(

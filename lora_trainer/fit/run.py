@@ -56,5 +56,5 @@ class Run:
         history: each process counts its own draws, and the main process's history is the one saved."""
         num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         draw = draw_training_noise(latents, seeds, self.config.objective, num_train_timesteps)
-        self.history.count_timesteps(draw.timesteps.tolist(), num_train_timesteps)
+        self.history.count_timesteps(draw.timesteps_on_cpu.tolist(), num_train_timesteps)
         return draw

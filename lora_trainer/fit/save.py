@@ -53,6 +53,9 @@ def finalize(run: Run) -> Path:
     """Save the final LoRA and write the run report beside it."""
     path = save_lora(run, run.config.output.name, run.epochs)
     if run.accelerator.is_main_process:
+        if run.accelerator.device.type == "cuda":
+            run.history.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(run.accelerator.device) / 2**30
+            log.info("peak GPU memory: %.2f GiB (torch's allocated peak)", run.history.peak_gpu_memory_gib)
         run.history.save(history_path(run.config.output.dir, run.config.output.name))
         report = write_report(run.config.output.dir, run.config.output.name)
         log.info("report: %s", report)

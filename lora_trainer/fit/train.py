@@ -15,6 +15,7 @@ from lora_trainer.fit.run import Run
 from lora_trainer.fit.save import finalize, save_lora
 from lora_trainer.fit.setup import setup
 from lora_trainer.fit.stopping import StopSignals
+from lora_trainer.report.history import history_path
 
 
 def train(config: Config, resume: str | None = None, overwrite: bool = False) -> Path:
@@ -54,4 +55,6 @@ def _non_finite_message(run: Run, stop: NonFiniteLoss) -> str:
     if run.step == 0:
         return f"training stopped: {stop}; no step had finished, so nothing was saved; {advice}"
     path = save_lora(run, f"{run.config.output.name}-step{run.step:06d}", stop.epoch)
+    if run.accelerator.is_main_process:  # the losses up to the last good step, for the report
+        run.history.save(history_path(run.config.output.dir, run.config.output.name))
     return f"training stopped: {stop}; saved the LoRA of step {run.step}, the last good one, to {path}; {advice}"

@@ -46,6 +46,7 @@ class RunHistory:
     epochs: list[EpochRecord] = field(default_factory=list)
     samples: list[SampleRecord] = field(default_factory=list)
     timestep_counts: list[int] = field(default_factory=list)  # how often each training timestep was drawn
+    peak_gpu_memory_gib: float | None = None  # torch's allocated peak on this process's GPU; None on a CPU
 
     def count_timesteps(self, timesteps: Iterable[int], num_train_timesteps: int) -> None:
         """Add drawn training timesteps to `timestep_counts` (one count per timestep of the schedule)."""
