@@ -1,5 +1,6 @@
 """The models the speed benchmark trains on, each a diffusers SDXL folder any trainer can load.
 
+- `shapes`: lora-train's `builtin:shapes-sdxl`, the quickstart's pretrained tiny base, 64 px.
 - `tiny`: lora-train's `builtin:tiny-sdxl` (SDXL's layout at channels 32/64/64), 128 px.
 - `small`: SDXL's three levels at channels 64/128/256, transformer depth 1/1/2, text encoders 64 and 128 wide,
   256 px: big enough that the UNet's work, not Python, sets a CPU step's time.
@@ -12,16 +13,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-RESOLUTIONS = {"tiny": 128, "small": 256, "sdxl-random": 1024}
+RESOLUTIONS = {"shapes": 64, "tiny": 128, "small": 256, "sdxl-random": 1024}
 BUILT_MARK = "lora-train-benchmark-model.json"
 
 
 def model_folder(name: str, work: Path) -> Path:
     """The diffusers folder of model `name`, built under `work` on first use."""
-    if name == "tiny":
+    if name in ("shapes", "tiny"):
         from lora_trainer.model.builtin import builtin_model_path
 
-        return builtin_model_path("tiny-sdxl")
+        return builtin_model_path(f"{name}-sdxl")
     folder = work / "models" / name
     if not (folder / BUILT_MARK).exists():
         _build(name, folder)

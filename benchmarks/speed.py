@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -73,14 +74,14 @@ def main() -> None:
     }
     contenders = [
         Contender("lora-train", _lora_train_command(arguments, work, fields, max(arguments.steps))),
-        Contender("bare loop", _bare_command(arguments, fields)),
+        *([Contender("bare loop", _bare_command(arguments, fields))] if arguments.bare else []),
         *(Contender(name, template) for name, template in (_named(other) for other in arguments.other)),
     ]
     small, large = arguments.steps
     print(f"model {arguments.model} ({model}), {resolution} px, batch {arguments.batch_size}, rank {arguments.rank}, "
           f"{arguments.mixed_precision}, {'checkpointing, ' if arguments.gradient_checkpointing else ''}"
           f"{_machine()}; {arguments.runs} runs of {small} and {large} steps each", flush=True)
-    for contender in contenders:  # the first run of each fills caches (latents, compiled kernels, the OS's files)
+    for contender in contenders if arguments.warmup else []:  # fills caches: latents, compiled kernels, the OS's files
         _run(contender, small, fields, work, arguments.verbose)
     for run in range(arguments.runs):
         for contender in contenders:
@@ -105,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to lora-train train --set")
     parser.add_argument("--other", action="append", default=[], metavar="NAME=TEMPLATE", help="another trainer's command")
+    parser.add_argument("--no-bare", dest="bare", action="store_false", help="leave out the bare loop (measured elsewhere)")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="no untimed first run (caches already warm)")
     parser.add_argument("--work", type=Path, help="where models, data and outputs go (default: a folder in /tmp)")
     parser.add_argument("--verbose", action="store_true", help="print each command and keep its output in WORK/logs")
     return parser
@@ -144,13 +147,14 @@ def _named(other: str) -> tuple[str, str]:
 
 
 def _run(contender: Contender, steps: int, fields: dict, work: Path, verbose: bool) -> Timed:
-    output = work / "outputs" / contender.name.replace(" ", "-")
+    safe_name = re.sub(r"[^\w.-]+", "-", contender.name)
+    output = work / "outputs" / safe_name
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
     command = contender.command.format(**fields, steps=steps, output=output)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    log = logs / f"{contender.name.replace(' ', '-')}-{steps}.log"
+    log = logs / f"{safe_name}-{steps}.log"
     if verbose:
         print("   ", command, flush=True)
     with log.open("w") as sink:
@@ -177,7 +181,8 @@ def _reported_gpu_peak(log: Path, output: Path) -> float | None:
 
 
 def _table(contenders: list[Contender], batch_size: int) -> str:
-    bare = statistics.median(next(c for c in contenders if c.name == "bare loop").per_step)
+    bare_loop = next((c for c in contenders if c.name == "bare loop"), None)
+    bare = statistics.median(bare_loop.per_step) if bare_loop else None
     rows = [("", "s/step (median, min-max)", "images/s", "x bare", "peak RSS GiB", "peak GPU GiB")]
     for contender in contenders:
         median = statistics.median(contender.per_step)
@@ -185,7 +190,7 @@ def _table(contenders: list[Contender], batch_size: int) -> str:
             contender.name,
             f"{median:.4f} ({min(contender.per_step):.4f}-{max(contender.per_step):.4f})",
             f"{batch_size / median:.2f}",
-            f"{median / bare:.3f}",
+            f"{median / bare:.3f}" if bare else "-",
             f"{statistics.median(contender.rss):.2f}",
             f"{statistics.median(contender.gpu):.2f}" if contender.gpu else "-",
         ))

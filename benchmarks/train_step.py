@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lora_trainer.adapters.lora import UNET_TARGETS, lora_parameters  # noqa: E402
 from lora_trainer.adapters.attach import attach_lora  # noqa: E402
+from lora_trainer.fit.compile import compile_transformer_blocks  # noqa: E402
 from lora_trainer.fit.objective import draw_noise_and_timesteps  # noqa: E402
 from lora_trainer.fit.step import training_step  # noqa: E402
 from lora_trainer.model.precision import WEIGHT_DTYPES  # noqa: E402
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    parser.add_argument("--channels-last", action="store_true", help="the UNet's convolution weights channels-last")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks, as training.compile does")
     parser.add_argument("--steps", type=int, default=10, help="timed steps, after 3 warmup steps")
     arguments = parser.parse_args()
 
@@ -69,6 +72,10 @@ def main() -> None:
     attach_lora(unet, UNET_TARGETS, arguments.rank, arguments.rank / 2)
     if arguments.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if arguments.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if arguments.compile:
+        compile_transformer_blocks(unet, "inductor")
     unet.train()
     parameters = lora_parameters(unet)
     if arguments.optimizer == "adamw8bit":
@@ -76,7 +83,7 @@ def main() -> None:
 
         optimizer = bitsandbytes.optim.AdamW8bit(parameters, lr=1e-4)
     else:
-        optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+        optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=arguments.mixed_precision == "fp16")
 
     size, batch = arguments.resolution // 8, arguments.batch_size
@@ -118,7 +125,8 @@ def main() -> None:
         where = f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
     print(
         f"{arguments.model} {arguments.resolution}px batch {batch} rank {arguments.rank} {arguments.mixed_precision} "
-        f"{arguments.optimizer}{' checkpointing' if arguments.gradient_checkpointing else ''} on {where}: "
+        f"{arguments.optimizer}{' checkpointing' if arguments.gradient_checkpointing else ''}"
+        f"{' channels-last' if arguments.channels_last else ''}{' compiled' if arguments.compile else ''} on {where}: "
         f"{seconds * 1000:.0f} ms/step, {batch / seconds:.2f} images/s, {memory}, "
         f"{sum(p.numel() for p in parameters) / 1e6:.1f}M adapter parameters"
     )

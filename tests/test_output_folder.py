@@ -121,3 +121,17 @@ def test_two_runs_filling_one_cache_at_once_leave_it_whole(raw_config, tmp_path)
     entries = list((tmp_path / "cache" / "latents").rglob("*.safetensors"))
     assert len(entries) == 12 and all(_is_intact(entry) for entry in entries)
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_every_file_of_a_run_counts_as_the_run_and_others_do_not(tmp_path):
+    from lora_trainer.config.output import OutputConfig
+    from lora_trainer.fit.output_folder import run_files
+
+    names = [
+        "n.safetensors", "n.yaml", "n-000002.safetensors", "n-step000010.safetensors", "n-history.json", "n-loss.png",
+        "n-timesteps.png", "n-report.html", "n-report-loss.png", "n-report-grid.png", "n-cut-captions.txt",
+    ]
+    for name in [*names, "other.safetensors", "n-notes.txt"]:
+        (tmp_path / name).write_text("x")
+    found = {path.name for path in run_files(OutputConfig(dir=tmp_path, name="n"))}
+    assert found == set(names)

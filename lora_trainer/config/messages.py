@@ -17,6 +17,8 @@ KOHYA_NAMES = {
     "caption_extension": "datasets.N.caption_extension",
     "num_repeats": "datasets.N.repeats",
     "network_dim": "network.rank",
+    "torch_compile": "training.compile",
+    "dynamo_backend": "training.compile_backend",
     "network_alpha": "network.alpha",
     "network_dropout": "network.dropout",
     "network_weights": "network.init_weights",

@@ -3,12 +3,14 @@ what is due after a step or an epoch: logs, saves, training states, evaluations,
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import torch
 
 from lora_trainer.adapters.wiring import trainable_parameters
+from lora_trainer.fit.compile import compiled_graphs
 from lora_trainer.fit.max_norm import apply_max_norm
 from lora_trainer.fit.optim import optimizer_train_mode
 from lora_trainer.fit.pending_losses import PendingLosses, PendingStep
@@ -20,6 +22,8 @@ from lora_trainer.fit.stopping import SIGNAL_NAMES, StopSignals, TrainingStopped
 from lora_trainer.fit.update_guard import UpdateGuard
 from lora_trainer.model.vae import non_finite_latents, scale_latents
 from lora_trainer.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(Exception):
@@ -37,30 +41,43 @@ def fit(run: Run, stop: StopSignals | None = None) -> None:
     optimizer_train_mode(run.optimizer)  # a schedule-free optimizer must be in training mode for every step
     if run.step == 0:
         run.evaluator.after_epoch(0, run.step, last=False)  # the baseline: before any step
+    graphs_before = compiled_graphs() if run.config.training.compile else 0
     bar = progress_bar(total=run.total_steps, initial=run.step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
-    with bar, stop.graceful():
-        for epoch in range(run.start_epoch, run.epochs + 1):
-            for model in run.trained.values():
-                model.train()  # adapter dropout is active only in training mode
-            run.dataloader.set_epoch(epoch)
-            batches_done = run.resume_batches if epoch == run.start_epoch else 0
-            losses: list[torch.Tensor] = []
-            latent_checks: list[tuple[list[str], torch.Tensor]] = []
-            for batch in run.dataloader:
-                batches_done += 1
-                with accelerator.accumulate(*run.trained.values()):
-                    losses.append(_train_on(run, batch, trainable, guard, latent_checks))
-                if accelerator.sync_gradients:
-                    _finish_step(run, bar, pending, PendingStep(run.step + 1, epoch, torch.stack(losses).mean(), [], {}, latent_checks))
-                    losses, latent_checks = [], []
-                    _after_step(run, bar, stop, Position(run.step, epoch, batches_done), pending)
-                    if run.step >= run.total_steps:
-                        break
-            _report_pending(run, bar, pending)  # an epoch cut short by a resume position may end between readings
-            last = run.step >= run.total_steps or epoch == run.epochs
-            _after_epoch(run, stop, epoch, last)
-            if last:
-                break
+    try:
+        with bar, stop.graceful():
+            _train_epochs(run, stop, bar, guard, pending, trainable)
+    finally:
+        if run.config.training.compile and accelerator.is_main_process:
+            # each new shape or mode compiles a graph; far more than a handful means sizes keep changing
+            log.info("torch.compile: %d graphs compiled during training", compiled_graphs() - graphs_before)
+
+
+def _train_epochs(
+    run: Run, stop: StopSignals, bar: Any, guard: UpdateGuard, pending: PendingLosses, trainable: list[torch.nn.Parameter]
+) -> None:
+    accelerator = run.accelerator
+    for epoch in range(run.start_epoch, run.epochs + 1):
+        for model in run.trained.values():
+            model.train()  # adapter dropout is active only in training mode
+        run.dataloader.set_epoch(epoch)
+        batches_done = run.resume_batches if epoch == run.start_epoch else 0
+        losses: list[torch.Tensor] = []
+        latent_checks: list[tuple[list[str], torch.Tensor]] = []
+        for batch in run.dataloader:
+            batches_done += 1
+            with accelerator.accumulate(*run.trained.values()):
+                losses.append(_train_on(run, batch, trainable, guard, latent_checks))
+            if accelerator.sync_gradients:
+                _finish_step(run, bar, pending, PendingStep(run.step + 1, epoch, torch.stack(losses).mean(), [], {}, latent_checks))
+                losses, latent_checks = [], []
+                _after_step(run, bar, stop, Position(run.step, epoch, batches_done), pending)
+                if run.step >= run.total_steps:
+                    break
+        _report_pending(run, bar, pending)  # an epoch cut short by a resume position may end between readings
+        last = run.step >= run.total_steps or epoch == run.epochs
+        _after_epoch(run, stop, epoch, last)
+        if last:
+            break
 
 
 def _train_on(

@@ -88,7 +88,7 @@ def run_files(output: OutputConfig) -> list[Path]:
     lists them, and a new run's rounds replace them)."""
     name = re.escape(output.name)
     pattern = re.compile(
-        rf"^{name}(\.safetensors|\.yaml|-\d{{6}}\.safetensors|-step\d{{6}}\.safetensors|-history\.json|-loss\.png"
+        rf"^{name}(\.safetensors|\.yaml|-\d{{6}}\.safetensors|-step\d{{6}}\.safetensors|-history\.json|-loss\.png|-timesteps\.png"
         rf"|-report(-loss|-grid)?\.(html|png)|-cut-captions\.txt)$"
     )
     found = [path for path in sorted(output.dir.iterdir()) if pattern.match(path.name)]

@@ -20,6 +20,7 @@ from lora_trainer.config.schema import Config
 from lora_trainer.data.buckets import bucket_table
 from lora_trainer.fit.base_model import describe_base
 from lora_trainer.fit.accelerator import start_accelerator, start_trackers
+from lora_trainer.fit.compile import compile_transformer_blocks
 from lora_trainer.fit.ema import make_adapter_ema
 from lora_trainer.fit.eval_weights import evaluation_weights
 from lora_trainer.fit.evaluate import Evaluator
@@ -65,6 +66,10 @@ def setup(config: Config, resume: str | None = None) -> Run:
         log.info(describe_adapters(trained, config.network))
     if config.training.gradient_checkpointing:
         enable_gradient_checkpointing(models)
+    if config.training.compile:
+        blocks = compile_transformer_blocks(models["unet"], config.training.compile_backend)
+        if accelerator.is_main_process:
+            log.info("torch.compile (%s): the UNet's %d transformer blocks, compiled at their first use", config.training.compile_backend, blocks)
     optimizer = make_optimizer(parameter_groups(trained, config), config.training)
     if accelerator.is_main_process:
         log_optimizer_notes(config.training)
@@ -149,6 +154,8 @@ def _placed_models(parts: SDXLParts, config: Config, device: torch.device, dtype
     for part, model in models.items():
         if part == "unet" or not config.caches_text_embeddings:
             model.to(device, dtype)
+    if config.training.channels_last:
+        models["unet"].to(memory_format=torch.channels_last)
     return models
 
 
