@@ -41,23 +41,16 @@ def _build(name: str, folder: Path) -> None:
     (folder / BUILT_MARK).write_text(json.dumps({"model": name, "dtype": str(dtype)}))
 
 
-def _tokenizers():
-    from transformers import CLIPTokenizer
-
-    from lora_trainer.model.builtin import SDXL_BASE_FOLDER
-
-    return (CLIPTokenizer.from_pretrained(SDXL_BASE_FOLDER, subfolder=sub) for sub in ("tokenizer", "tokenizer_2"))
-
-
 def _small_pipeline():
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from lora_trainer.model.builtin import sdxl_scheduler, sdxl_token_ids, tiny_text_encoder, tiny_vae
-    from lora_trainer.model.sdxl_architecture import CLIP_BIGG, CLIP_L, SDXL_UNET
+    from lora_trainer.model.builtin import clip_tokenizers, clip_vocabulary_text_encoders, sdxl_scheduler, tiny_vae
+    from lora_trainer.model.sdxl_architecture import SDXL_UNET
 
-    tokenizer_1, tokenizer_2 = _tokenizers()
-    vocab = CLIP_L["vocab_size"]
+    tokenizer_1, tokenizer_2 = clip_tokenizers()
     text_widths, time_width = (64, 128), 32
+    vae = tiny_vae()
+    text_encoder_1, text_encoder_2 = clip_vocabulary_text_encoders(text_widths)
     unet = UNet2DConditionModel(**{
         **SDXL_UNET,
         "sample_size": 32,
@@ -69,13 +62,8 @@ def _small_pipeline():
         "projection_class_embeddings_input_dim": text_widths[1] + 6 * time_width,
     })
     return StableDiffusionXLPipeline(
-        vae=tiny_vae(),
-        text_encoder=tiny_text_encoder(text_widths[0], CLIP_L["hidden_act"], projection=False, vocab_size=vocab, **sdxl_token_ids("text_encoder")),
-        text_encoder_2=tiny_text_encoder(text_widths[1], CLIP_BIGG["hidden_act"], projection=True, vocab_size=vocab, **sdxl_token_ids("text_encoder_2")),
-        tokenizer=tokenizer_1,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=sdxl_scheduler(),
+        vae=vae, text_encoder=text_encoder_1, text_encoder_2=text_encoder_2, tokenizer=tokenizer_1, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=sdxl_scheduler(),
     )
 
 
@@ -83,9 +71,9 @@ def _sdxl_random_pipeline():
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lora_trainer.model.builtin import SDXL_BASE_FOLDER, sdxl_scheduler
+    from lora_trainer.model.builtin import SDXL_BASE_FOLDER, clip_tokenizers, sdxl_scheduler
 
-    tokenizer_1, tokenizer_2 = _tokenizers()
+    tokenizer_1, tokenizer_2 = clip_tokenizers()
     return StableDiffusionXLPipeline(
         vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SDXL_BASE_FOLDER / "vae")),
         text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_BASE_FOLDER / "text_encoder")),

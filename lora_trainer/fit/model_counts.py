@@ -195,20 +195,13 @@ def _from_folder(folder: Path, field: str, source: str) -> _MetaModel:
 
 def _tiny_sdxl() -> _MetaModel:
     from lora_trainer.model import builtin
-    from lora_trainer.model.sdxl_architecture import CLIP_BIGG, CLIP_L
 
-    vocab_size = CLIP_L["vocab_size"]
     with torch.device("meta"):  # the calls `builtin.build_tiny_sdxl` makes, so it need not be built
+        text_encoder_1, text_encoder_2 = builtin.clip_vocabulary_text_encoders()
         return _MetaModel(
             unet=builtin.tiny_unet(),
-            text_encoder_1=builtin.tiny_text_encoder(
-                builtin.TEXT_ENCODER_1_WIDTH, CLIP_L["hidden_act"], projection=False, vocab_size=vocab_size,
-                **builtin.sdxl_token_ids("text_encoder"),
-            ),
-            text_encoder_2=builtin.tiny_text_encoder(
-                builtin.TEXT_ENCODER_2_WIDTH, CLIP_BIGG["hidden_act"], projection=True, vocab_size=vocab_size,
-                **builtin.sdxl_token_ids("text_encoder_2"),
-            ),
+            text_encoder_1=text_encoder_1,
+            text_encoder_2=text_encoder_2,
             vae=builtin.tiny_vae(),
             source="builtin:tiny-sdxl's recipe (lora_trainer/model/builtin.py)",
         )

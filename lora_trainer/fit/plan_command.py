@@ -15,7 +15,7 @@ from lora_trainer.fit.memory_advice import memory_warning
 from lora_trainer.fit.memory_estimate import estimate_peak_memory, format_memory_estimate, memory_settings
 from lora_trainer.fit.model_counts import count_model
 from lora_trainer.fit.plan import format_plan, training_plan
-from lora_trainer.fit.run_files import format_planned_files, planned_files
+from lora_trainer.fit.planned_files import format_planned_files, planned_files
 
 
 def plan_blocks(config: Config, gpu_memory: float | None = None, processes: int = 1) -> Iterator[str]:

@@ -86,21 +86,15 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
     """Write the tiny SDXL-shaped pipeline (random weights, fixed seed) into `folder`."""
     import torch
     from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer
 
     torch.manual_seed(seed)
-    tokenizer_1 = CLIPTokenizer.from_pretrained(SDXL_BASE_FOLDER, subfolder="tokenizer")
-    tokenizer_2 = CLIPTokenizer.from_pretrained(SDXL_BASE_FOLDER, subfolder="tokenizer_2")
-    vocab_size = CLIP_L["vocab_size"]
-    assert len(tokenizer_1) == len(tokenizer_2) == vocab_size, "pretrained/sdxl-base's tokenizers are not CLIP's"
+    tokenizer_1, tokenizer_2 = clip_tokenizers()
+    vae = tiny_vae()  # drawn in this order from the seed: the VAE, the text encoders, the UNet
+    text_encoder_1, text_encoder_2 = clip_vocabulary_text_encoders()
     pipeline = StableDiffusionXLPipeline(
-        vae=tiny_vae(),
-        text_encoder=tiny_text_encoder(
-            TEXT_ENCODER_1_WIDTH, CLIP_L["hidden_act"], projection=False, vocab_size=vocab_size, **sdxl_token_ids("text_encoder")
-        ),
-        text_encoder_2=tiny_text_encoder(
-            TEXT_ENCODER_2_WIDTH, CLIP_BIGG["hidden_act"], projection=True, vocab_size=vocab_size, **sdxl_token_ids("text_encoder_2")
-        ),
+        vae=vae,
+        text_encoder=text_encoder_1,
+        text_encoder_2=text_encoder_2,
         tokenizer=tokenizer_1,
         tokenizer_2=tokenizer_2,
         unet=tiny_unet(),
@@ -111,6 +105,24 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
         folder / "README.md",
         "# builtin:tiny-sdxl\n\nRandom weights in Stable Diffusion XL's layout, built by lora-train for "
         "trying the tool and for tests. This is not SDXL and draws nothing meaningful.\n",
+    )
+
+
+def clip_tokenizers():
+    """SDXL base 1.0's two CLIP tokenizers, shipped in `pretrained/sdxl-base`."""
+    from transformers import CLIPTokenizer
+
+    tokenizers = tuple(CLIPTokenizer.from_pretrained(SDXL_BASE_FOLDER, subfolder=sub) for sub in ("tokenizer", "tokenizer_2"))
+    assert all(len(tokenizer) == CLIP_L["vocab_size"] for tokenizer in tokenizers), "pretrained/sdxl-base's tokenizers are not CLIP's"
+    return tokenizers
+
+
+def clip_vocabulary_text_encoders(widths: tuple[int, int] = (TEXT_ENCODER_1_WIDTH, TEXT_ENCODER_2_WIDTH)):
+    """Tiny stand-ins of SDXL's CLIP-L and CLIP-bigG, `widths` wide, on CLIP's vocabulary with SDXL's token ids."""
+    vocab_size = CLIP_L["vocab_size"]
+    return (
+        tiny_text_encoder(widths[0], CLIP_L["hidden_act"], projection=False, vocab_size=vocab_size, **sdxl_token_ids("text_encoder")),
+        tiny_text_encoder(widths[1], CLIP_BIGG["hidden_act"], projection=True, vocab_size=vocab_size, **sdxl_token_ids("text_encoder_2")),
     )
 
 
