@@ -12,6 +12,7 @@ import logging
 import os
 
 import pytest
+import torch
 from conftest import copy_examples, train_in_process
 
 
@@ -72,3 +73,14 @@ def test_the_unet_and_text_encoders_attend_through_pytorch_sdpa(tiny_model_path)
     assert {type(processor) for processor in parts.unet.attn_processors.values()} == {AttnProcessor2_0}
     for encoder in (parts.text.text_encoder_1, parts.text.text_encoder_2):
         assert encoder.config._attn_implementation == "sdpa"
+
+
+def test_an_unknown_compile_backend_is_one_line_naming_the_field():
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from lora_trainer.errors import UserError
+    from lora_trainer.fit.compile import compile_transformer_blocks
+
+    model = torch.nn.Sequential(BasicTransformerBlock(8, 2, 4))
+    with pytest.raises(UserError, match=r"^training.compile_backend: 'inductr' is not a torch.compile backend; use one of .*inductor"):
+        compile_transformer_blocks(model, "inductr")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from lora_trainer.errors import UserError
+
 # Distinct graphs one block may need: channel widths, training vs. no-grad evaluation, static then dynamic sizes.
 RECOMPILE_LIMIT = 32
 
@@ -22,8 +24,12 @@ def compile_transformer_blocks(unet: torch.nn.Module, backend: str) -> int:
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     blocks = [module for module in unet.modules() if isinstance(module, BasicTransformerBlock)]
-    for block in blocks:
-        block.compile(backend=backend)
+    try:
+        for block in blocks:
+            block.compile(backend=backend)
+    except torch._dynamo.exc.InvalidBackend:
+        known = ", ".join(torch._dynamo.list_backends(exclude_tags=()))
+        raise UserError(f"training.compile_backend: {backend!r} is not a torch.compile backend; use one of {known}") from None
     return len(blocks)
 
 
